@@ -121,7 +121,7 @@ def write_spectra_csv(
     """Write spectra as CSV: first column `energy_eV`, then one column per named spectrum."""
     names = ["energy_eV", *columns]
     data = np.column_stack([np.asarray(energy_eV)] + [np.asarray(v) for v in columns.values()])
-    lines = [",".join(names)] + [",".join(f"{x:.6g}" for x in row) for row in data]
+    lines = [",".join(names)] + [",".join(f"{x:.10g}" for x in row) for row in data]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
