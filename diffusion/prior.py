@@ -1,0 +1,125 @@
+"""`DiffusionPrior`: schedule + score model + cutoff, the object guidance and sampling use.
+
+    prior = load_prior()                     # shipped checkpoints/prior_default.pt (EMA weights)
+    s = prior.score(pos, cell, numbers, t)   # (N,3) 1/Å, differentiable in pos
+    x0 = prior.denoise(pos, cell, numbers, t)
+    atoms = prior.sample(density_g_cm3=2.0, n_samples=4, seed=0)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from xanesdiff.datasets.errors import XanesdiffInputError
+from xanesdiff.diffusion.neighbors import NeighborListCache
+from xanesdiff.diffusion.schedule import VESchedule, schedule_from_config
+from xanesdiff.diffusion.score_model import EquivariantScoreModel
+
+CHECKPOINT_KIND = "diffusion_prior"
+CHECKPOINT_VERSION = 1
+
+
+class DiffusionPrior:
+    """A trained score model under its noise schedule, with a neighbour-list cache."""
+
+    def __init__(self, score_model: EquivariantScoreModel, schedule: VESchedule,
+                 skin_A: float = 1.0, metadata: dict | None = None):
+        self.score_model = score_model.eval()
+        self.schedule = schedule
+        self.cutoff_A = float(score_model.cutoff_A)
+        self.neighbors = NeighborListCache(self.cutoff_A, skin_A)
+        self.metadata = dict(metadata or {})
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.score_model.parameters()).dtype
+
+    def score_batch(self, pos_A: torch.Tensor, cell_A: torch.Tensor, numbers: torch.Tensor,
+                    t, batch: torch.Tensor | None = None) -> torch.Tensor:
+        """Score (N,3) in 1/Å of a batch of cells: cell (B,3,3), batch (N,) mapping atoms to cells
+        (contiguous). Differentiable w.r.t. `pos_A` when it requires grad."""
+        cell = torch.as_tensor(cell_A, dtype=pos_A.dtype).reshape(-1, 3, 3)
+        numbers = torch.as_tensor(numbers, dtype=torch.long)
+        if batch is None:
+            batch = torch.zeros(pos_A.shape[0], dtype=torch.long)
+        edge_index, edge_shift = self.neighbors.get(pos_A, cell, batch)
+        sigma = self.schedule.sigma(torch.as_tensor(t, dtype=pos_A.dtype))
+        model = self.score_model
+        if model_dtype_differs := (self.dtype != pos_A.dtype):
+            model = model.to(pos_A.dtype)
+        try:
+            with torch.set_grad_enabled(pos_A.requires_grad or torch.is_grad_enabled()):
+                return model(pos_A, cell, numbers, sigma, edge_index, edge_shift, batch)
+        finally:
+            if model_dtype_differs:
+                pass
+
+    def score(self, pos_A: torch.Tensor, cell_A: torch.Tensor, numbers, t) -> torch.Tensor:
+        """Score ∇ log p_t(x) (N,3) in 1/Å for one cell: pos (N,3) Å, cell (3,3) Å, t ∈ (0, 1]."""
+        return self.score_batch(pos_A, cell_A, numbers, t)
+
+    def denoise(self, pos_A: torch.Tensor, cell_A: torch.Tensor, numbers, t) -> torch.Tensor:
+        """Tweedie estimate x̂0 = x + σ(t)²·score (Å), not wrapped (differentiable in pos)."""
+        sigma = self.schedule.sigma(float(t))
+        return pos_A + sigma ** 2 * self.score(pos_A, cell_A, numbers, t)
+
+    def to(self, dtype: torch.dtype) -> "DiffusionPrior":
+        self.score_model = self.score_model.to(dtype)
+        return self
+
+
+def save_prior(path: str | os.PathLike, score_model: EquivariantScoreModel, schedule: VESchedule,
+               metadata: dict | None = None) -> Path:
+    """Write a self-describing prior checkpoint (kind, version, constructor config, weights),
+    atomically (temporary file then rename)."""
+    import xanesdiff
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "kind": CHECKPOINT_KIND,
+        "version": CHECKPOINT_VERSION,
+        "xanesdiff_version": xanesdiff.__version__,
+        "score_model": {"class": type(score_model).__name__, "config": score_model.config()},
+        "schedule": schedule.config(),
+        "state_dict": {k: v.detach().cpu().float() for k, v in score_model.state_dict().items()},
+        "metadata": dict(metadata or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def default_prior_path() -> Path:
+    import xanesdiff
+
+    return xanesdiff.PACKAGE_ROOT / "checkpoints" / "prior_default.pt"
+
+
+def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0) -> DiffusionPrior:
+    """Load a prior checkpoint; `None` loads the shipped `checkpoints/prior_default.pt`."""
+    path = Path(path) if path is not None else default_prior_path()
+    if not path.exists():
+        raise XanesdiffInputError("prior checkpoint does not exist", str(path))
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise XanesdiffInputError(
+            f"could not be read as a checkpoint ({type(exc).__name__}: {exc})", str(path)) from None
+    kind = payload.get("kind") if isinstance(payload, dict) else None
+    if kind != CHECKPOINT_KIND:
+        raise XanesdiffInputError(
+            f"checkpoint kind is {kind!r}, expected {CHECKPOINT_KIND!r} (a diffusion prior saved "
+            "by `xanesdiff train-prior`)", str(path))
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise XanesdiffInputError(
+            f"checkpoint version {payload.get('version')!r} is not supported (expected "
+            f"{CHECKPOINT_VERSION}); retrain or use a matching xanesdiff", str(path))
+    model = EquivariantScoreModel(**payload["score_model"]["config"])
+    model.load_state_dict(payload["state_dict"])
+    schedule = schedule_from_config(payload["schedule"])
+    return DiffusionPrior(model, schedule, skin_A=skin_A, metadata=payload.get("metadata"))

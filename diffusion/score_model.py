@@ -1,0 +1,165 @@
+"""E(3)-equivariant score model on the periodic radius graph (e3nn, NequIP-style convolutions).
+
+Node input: a species embedding (any element, multi-element ready) plus an embedding of the noise
+level σ. Each interaction layer: spherical harmonics of the edge direction, a radial basis
+(Bessel × smooth cutoff envelope) concatenated with the σ embedding, an MLP giving per-edge
+tensor-product weights, a channel-wise ('uvu') tensor product, a sum over neighbours, a linear
+mix, a gated nonlinearity and a residual. Output: one vector (1o) per atom, the score times σ
+(dimensionless, ≈ −ε), so `score = output / σ`. Equivariant by construction; only edge vectors
+(with periodic image shifts) enter, so the model is translation- and image-invariant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from e3nn import o3
+from e3nn.nn import FullyConnectedNet, Gate
+from torch import nn
+from torch_geometric.utils import scatter
+
+from xanesdiff.datasets.graph import edge_vectors
+
+
+class BesselBasis(nn.Module):
+    """sin(nπr/c)/r radial basis times a smooth polynomial envelope that vanishes at r = c."""
+
+    def __init__(self, cutoff_A: float, n_basis: int = 8, envelope_p: int = 6):
+        super().__init__()
+        self.cutoff_A = float(cutoff_A)
+        self.register_buffer("freqs", torch.arange(1, n_basis + 1) * math.pi / self.cutoff_A)
+        self.p = envelope_p
+
+    def envelope(self, r_A: torch.Tensor) -> torch.Tensor:
+        """Smooth cutoff (1 at r = 0, 0 with vanishing derivatives at and beyond the cutoff)."""
+        x = (r_A / self.cutoff_A).clamp(0, 1)
+        p = self.p
+        env = (1 - (p + 1) * (p + 2) / 2 * x ** p + p * (p + 2) * x ** (p + 1)
+               - p * (p + 1) / 2 * x ** (p + 2))
+        return env * (x < 1)
+
+    def forward(self, r_A: torch.Tensor) -> torch.Tensor:
+        r = r_A.unsqueeze(-1).clamp_min(1e-6)
+        return (math.sqrt(2 / self.cutoff_A) * torch.sin(self.freqs * r) / r
+                * self.envelope(r_A).unsqueeze(-1))
+
+
+class NoiseEmbedding(nn.Module):
+    """Gaussian features of log σ on a fixed grid (σ from 1e-3 to 3 Å)."""
+
+    def __init__(self, n_features: int = 16, log_sigma_min: float = math.log(1e-3),
+                 log_sigma_max: float = math.log(3.0)):
+        super().__init__()
+        self.register_buffer("centers", torch.linspace(log_sigma_min, log_sigma_max, n_features))
+        self.width = (log_sigma_max - log_sigma_min) / (n_features - 1)
+
+    def forward(self, sigma_A: torch.Tensor) -> torch.Tensor:
+        x = torch.log(sigma_A.clamp_min(1e-6)).unsqueeze(-1)
+        return torch.exp(-0.5 * ((x - self.centers) / self.width) ** 2)
+
+
+class Interaction(nn.Module):
+    """One equivariant convolution + gate + residual: irreps_in -> irreps_out."""
+
+    def __init__(self, irreps_in: str, irreps_out: str, irreps_sh: str, n_edge_features: int,
+                 radial_hidden: int, avg_neighbors: float):
+        super().__init__()
+        self.irreps_in = o3.Irreps(irreps_in)
+        self.irreps_out = o3.Irreps(irreps_out)
+        irreps_sh = o3.Irreps(irreps_sh)
+        scalars = o3.Irreps([(m, ir) for m, ir in self.irreps_out if ir.l == 0])
+        gated = o3.Irreps([(m, ir) for m, ir in self.irreps_out if ir.l > 0])
+        gates = o3.Irreps(f"{gated.num_irreps}x0e") if gated.num_irreps else o3.Irreps("")
+        self.gate = Gate(scalars, [torch.nn.functional.silu] * len(scalars),
+                         gates, [torch.sigmoid] * len(gates), gated)
+        # channel-wise tensor product: every (input irrep) x (harmonic) path that lands in an
+        # irrep type the layer can use.
+        wanted = {ir for _, ir in self.gate.irreps_in}
+        mid, instructions = [], []
+        for i, (mul, ir_in) in enumerate(self.irreps_in):
+            for j, (_, ir_sh) in enumerate(irreps_sh):
+                for ir_out in ir_in * ir_sh:
+                    if ir_out in wanted:
+                        instructions.append((i, j, len(mid), "uvu", True))
+                        mid.append((mul, ir_out))
+        self.tp = o3.TensorProduct(self.irreps_in, irreps_sh, o3.Irreps(mid), instructions,
+                                   shared_weights=False, internal_weights=False)
+        self.radial = FullyConnectedNet([n_edge_features, radial_hidden, radial_hidden,
+                                         self.tp.weight_numel], torch.nn.functional.silu)
+        self.linear_msg = o3.Linear(self.tp.irreps_out.simplify(), self.gate.irreps_in)
+        self.self_connection = o3.Linear(self.irreps_in, self.gate.irreps_in)
+        self.residual = self.irreps_in == self.irreps_out
+        self.norm = 1.0 / math.sqrt(avg_neighbors)
+
+    def forward(self, h, edge_sh, edge_features, edge_envelope, edge_index):
+        src, dst = edge_index  # edge i->j: message from neighbour j to centre i (src = i)
+        weights = self.radial(edge_features) * edge_envelope.unsqueeze(-1)
+        msg = self.tp(h[dst], edge_sh, weights)
+        agg = scatter(msg, src, dim=0, dim_size=h.shape[0], reduce="sum") * self.norm
+        # tp.irreps_out is unsimplified; simplify() only merges neighbours of equal type, which
+        # keeps the memory layout, so the tensor can be read with the simplified irreps.
+        out = self.gate(self.linear_msg(agg) + self.self_connection(h))
+        return h + out if self.residual else out
+
+
+class EquivariantScoreModel(nn.Module):
+    """Score network s_θ(x, σ) for atoms in periodic cells.
+
+    `forward(pos (N,3) Å, cell (B,3,3) Å, numbers (N,), sigma (N,) Å or scalar, edge_index (2,E),
+    edge_shift (E,3), batch (N,)) -> (N,3)` score in 1/Å. Constructor arguments are what a
+    checkpoint stores (`config()`).
+    """
+
+    def __init__(self, cutoff_A: float = 3.5, irreps_hidden: str = "32x0e + 16x1o + 8x1e",
+                 n_layers: int = 3, lmax: int = 2, n_species: int = 100, n_basis: int = 8,
+                 n_noise_features: int = 16, radial_hidden: int = 48,
+                 avg_neighbors: float = 20.0):
+        super().__init__()
+        self._config = dict(cutoff_A=cutoff_A, irreps_hidden=irreps_hidden, n_layers=n_layers,
+                            lmax=lmax, n_species=n_species, n_basis=n_basis,
+                            n_noise_features=n_noise_features, radial_hidden=radial_hidden,
+                            avg_neighbors=avg_neighbors)
+        self.cutoff_A = float(cutoff_A)
+        hidden = o3.Irreps(irreps_hidden)
+        n_scalars = sum(m for m, ir in hidden if ir == o3.Irrep("0e"))
+        self.irreps_sh = o3.Irreps.spherical_harmonics(lmax)
+        self.species_embedding = nn.Embedding(n_species + 1, n_scalars)
+        self.noise_embedding = NoiseEmbedding(n_noise_features)
+        self.noise_mlp = FullyConnectedNet([n_noise_features, n_scalars, n_scalars],
+                                           torch.nn.functional.silu)
+        self.basis = BesselBasis(cutoff_A, n_basis)
+        n_edge = n_basis + n_noise_features
+        layers = []
+        irreps_in = f"{n_scalars}x0e"
+        for _ in range(n_layers):
+            layers.append(Interaction(irreps_in, str(hidden), str(self.irreps_sh), n_edge,
+                                      radial_hidden, avg_neighbors))
+            irreps_in = str(hidden)
+        self.layers = nn.ModuleList(layers)
+        self.readout = o3.Linear(hidden, "1x1o")
+
+    def config(self) -> dict:
+        return dict(self._config)
+
+    def forward(self, pos, cell, numbers, sigma, edge_index, edge_shift, batch=None):
+        n = pos.shape[0]
+        if batch is None:
+            batch = torch.zeros(n, dtype=torch.long, device=pos.device)
+        sigma = torch.as_tensor(sigma, dtype=pos.dtype, device=pos.device)
+        sigma_atom = sigma.expand(n) if sigma.ndim == 0 else sigma.reshape(n)
+        vec = edge_vectors(pos, cell.to(pos.dtype), edge_index, edge_shift.to(pos.dtype), batch)
+        length = vec.norm(dim=-1)
+        keep = length < self.cutoff_A  # a graph built with a Verlet skin has longer edges
+        if not bool(keep.all()):
+            vec, length, edge_index = vec[keep], length[keep], edge_index[:, keep]
+        edge_sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True,
+                                         normalization="component")
+        noise_feat = self.noise_embedding(sigma_atom)
+        edge_features = torch.cat([self.basis(length), noise_feat[edge_index[0]]], dim=-1)
+        envelope = self.basis.envelope(length)
+        h = self.species_embedding(numbers.clamp(0, self.species_embedding.num_embeddings - 1))
+        h = h + self.noise_mlp(noise_feat)
+        for layer in self.layers:
+            h = layer(h, edge_sh, edge_features, envelope, edge_index)
+        return self.readout(h) / sigma_atom.unsqueeze(-1)

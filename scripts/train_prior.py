@@ -1,0 +1,98 @@
+"""`xanesdiff train-prior [key=value ...]`: train the equivariant diffusion prior.
+
+    xanesdiff train-prior                                   # default prior -> checkpoints/prior_default.pt
+    xanesdiff train-prior data.exclude_densities=[2.5] export_path=checkpoints/prior_without_2.5.pt \
+        out_dir=runs/prior_without_2.5
+    xanesdiff train-prior resume=auto                       # continue from out_dir/last.ckpt
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from xanesdiff.scripts._hydra import hydra_app
+
+
+def select_structures(cfg_data) -> tuple[list, list[str]]:
+    from xanesdiff.datasets.dataset import load_dataset
+
+    dataset = load_dataset(root=cfg_data.root, asset=cfg_data.asset)
+    excluded = []
+    for rho in cfg_data.exclude_densities or []:
+        matches = [n for n in dataset.networks
+                   if abs(dataset.network_density(n) - float(rho)) <= cfg_data.density_tol_g_cm3]
+        if len(matches) != 1:
+            from xanesdiff.datasets.errors import XanesdiffInputError
+
+            available = ", ".join(f"{dataset.network_density(n):.2f}" for n in dataset.networks)
+            raise XanesdiffInputError(
+                f"exclude density {rho} matches {len(matches)} networks; available: {available}",
+                "data.exclude_densities")
+        excluded += matches
+    frames = [f for f in dataset.frames if f.network not in excluded]
+    return [f.atoms for f in frames], excluded
+
+
+def run(cfg: DictConfig) -> dict:
+    import hydra
+    import lightning as L
+    import torch
+    from torch_geometric.loader import DataLoader
+
+    from xanesdiff.diffusion.train import AtomicExport, NoisedStructureDataset, PriorModule
+
+    torch.set_num_threads(int(cfg.threads))
+    L.seed_everything(int(cfg.training.seed), workers=True)
+    structures, excluded = select_structures(cfg.data)
+    schedule = hydra.utils.instantiate(cfg.schedule)
+    score_model = hydra.utils.instantiate(cfg.score_model)
+    tr = cfg.training
+    dataset = NoisedStructureDataset(structures, schedule, score_model.cutoff_A,
+                                     length=tr.steps_per_epoch * tr.batch_size, t_min=tr.t_min,
+                                     t_max_train=tr.t_max_train,
+                                     extra_noise_fraction=tr.extra_noise_fraction, seed=tr.seed)
+    loader = DataLoader(dataset, batch_size=tr.batch_size, shuffle=False, num_workers=0)
+    module = PriorModule(score_model, schedule, lr=tr.lr, ema_decay=tr.ema_decay,
+                         warmup_steps=tr.warmup_steps, total_steps=tr.max_steps,
+                         lr_min_ratio=tr.lr_min_ratio)
+    out_dir = Path(cfg.out_dir)
+    command = "xanesdiff train-prior " + " ".join(sys.argv[1:])
+    metadata = {"command": command.strip(), "n_structures": len(structures),
+                "excluded_networks": excluded, "machine": platform.node() or platform.machine(),
+                "config": OmegaConf.to_container(cfg, resolve=True)}
+    exporter = AtomicExport(str(out_dir / "last.ckpt"), cfg.export_path,
+                            every_min=cfg.export_every_min, metadata=metadata)
+
+    class EpochCounter(L.Callback):
+        def on_train_epoch_start(self, trainer, _):
+            dataset.epoch = trainer.current_epoch
+
+    trainer = L.Trainer(
+        max_steps=tr.max_steps, max_time=tr.max_time, enable_checkpointing=False,
+        logger=L.pytorch.loggers.CSVLogger(str(out_dir), name="logs"),
+        callbacks=[exporter, EpochCounter()], enable_progress_bar=False,
+        **OmegaConf.to_container(cfg.trainer, resolve=True))
+    ckpt = cfg.resume
+    if ckpt == "auto":
+        ckpt = str(out_dir / "last.ckpt") if (out_dir / "last.ckpt").exists() else None
+    trainer.fit(module, loader, ckpt_path=ckpt)
+    summary = {"global_step": int(trainer.global_step), "export_path": str(cfg.export_path),
+               "train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+               "excluded_networks": excluded}
+    print(json.dumps(summary))
+    return summary
+
+
+@hydra_app("train_prior")
+def main(cfg: DictConfig):
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
