@@ -1,0 +1,69 @@
+"""Validation of generated structures: predicted spectrum vs target, and optional relaxation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+
+def spectral_match(predicted: np.ndarray, target: np.ndarray) -> dict:
+    """MAE, Spearman rank correlation and cosine similarity of two spectra on one grid."""
+    predicted, target = np.asarray(predicted, float), np.asarray(target, float)
+    cosine = float(predicted @ target / (np.linalg.norm(predicted) * np.linalg.norm(target) + 1e-12))
+    return {"mae": float(np.abs(predicted - target).mean()),
+            "spearman": float(spearmanr(predicted, target).statistic),
+            "cosine": cosine}
+
+
+def predict_members(surrogate, atoms) -> np.ndarray:
+    """Ensemble members' mean spectra (K, M) of an ASE structure."""
+    with torch.no_grad():
+        members = surrogate.mean_spectrum(torch.tensor(atoms.positions, dtype=torch.float32),
+                                          torch.tensor(atoms.cell.array, dtype=torch.float32),
+                                          torch.tensor(atoms.numbers))
+    return members.numpy()
+
+
+def validate_spectrum(atoms, target: np.ndarray | None, surrogate, prefix: str = "") -> dict:
+    """Prediction (ensemble mean and σ) and, given a target, its match. Keys get `prefix`."""
+    members = predict_members(surrogate, atoms)
+    result = {f"{prefix}predicted": members.mean(0), f"{prefix}predicted_std": members.std(0)}
+    if target is not None:
+        result.update({f"{prefix}{k}": v for k, v in
+                       spectral_match(members.mean(0), target).items()})
+    return result
+
+
+def load_potential(model_dir: str | None = None):
+    """The M3GNet universal potential (matgl, offline, eval mode) for short relaxations."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import matgl
+
+    from xanesdiff.datasets.assets import resolve_asset
+
+    potential = matgl.load_model(str(resolve_asset("models/M3GNet-MP-2021.2.8-PES", model_dir)))
+    potential.eval()
+    for p in potential.parameters():
+        p.requires_grad_(False)
+    return potential
+
+
+def relax(atoms, potential, fmax_eV_A: float = 0.2, steps: int = 50) -> tuple[object, dict]:
+    """Short fixed-cell FIRE relaxation with the M3GNet potential. Returns (relaxed atoms,
+    {energy_per_atom_before_eV, energy_per_atom_after_eV, relax_steps})."""
+    from ase.optimize import FIRE
+    from matgl.ext.ase import PESCalculator
+
+    relaxed = atoms.copy()
+    relaxed.calc = PESCalculator(potential)
+    before = relaxed.get_potential_energy() / len(relaxed)
+    optimizer = FIRE(relaxed, logfile=None)
+    optimizer.run(fmax=fmax_eV_A, steps=steps)
+    after = relaxed.get_potential_energy() / len(relaxed)
+    relaxed.calc = None
+    return relaxed, {"energy_per_atom_before_eV": float(before),
+                     "energy_per_atom_after_eV": float(after),
+                     "relax_steps": int(optimizer.nsteps)}
