@@ -96,4 +96,4 @@ class SpectralFeature(GuidanceTerm):
         elif self.relation == "le":
             violation = violation.clamp(min=0.0)
         scale = self.tolerance * (abs(self.reference) if self.relative is not None else 1.0)
-        return 0.5 * (violation / scale) ** 2, {"value": float(value), "target": target}
+        return 0.5 * (violation / scale) ** 2, {"value": float(value.detach()), "target": target}

@@ -44,4 +44,4 @@ class SpectrumLikelihood(GuidanceTerm):
         var = members.var(0, unbiased=False) if members.shape[0] > 1 else torch.zeros_like(mean)
         variance = self.sigma_obs ** 2 + self.ensemble_weight * var.detach()
         energy = 0.5 * ((mean - target) ** 2 / variance).sum()
-        return energy, {"mae": float((mean - target).abs().mean())}
+        return energy, {"mae": float((mean - target).abs().mean().detach())}

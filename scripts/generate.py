@@ -1,0 +1,274 @@
+"""`xanesdiff generate`: structures whose predicted XANES matches a target, validated and reported.
+
+Writes into `out`: samples/sample_NNN.extxyz (one per structure, as it finishes: a rerun resumes),
+structures.extxyz (all, metrics in `info`), report.json, spectra.csv, spectra.png,
+structure.png, and density_scan.png when the density was inferred.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from xanesdiff.datasets.errors import XanesdiffInputError
+from xanesdiff.scripts._hydra import hydra_app, set_threads
+
+log = logging.getLogger("xanesdiff.generate")
+
+DENSITY_HARD_BOUNDS_G_CM3 = (0.5, 4.0)
+"""Beyond these a carbon network is unphysical (diamond is 3.51 g/cm³): refused."""
+
+
+def build_terms(cfg: DictConfig) -> list:
+    """Instantiate the configured guidance terms, plus the `steer` term if named."""
+    from hydra.utils import instantiate
+
+    specs = dict(cfg.guidance or {})
+    if cfg.steer:
+        for name in [cfg.steer] if isinstance(cfg.steer, str) else list(cfg.steer):
+            path = Path(__file__).resolve().parents[1] / "configs" / "guidance" / f"{name}.yaml"
+            if not path.exists():
+                available = sorted(p.stem for p in path.parent.glob("*.yaml"))
+                raise XanesdiffInputError(f"no steer named {name!r}; available: {available}",
+                                          "steer")
+            specs[name] = OmegaConf.load(path)
+    if cfg.target is None:
+        specs.pop("spectrum", None)
+    if not specs:
+        raise XanesdiffInputError("nothing to guide on: give target=FILE and/or steer=NAME",
+                                  "generate")
+    return [instantiate(spec, _convert_="all") for spec in specs.values()]
+
+
+def request_fingerprint(cfg: DictConfig) -> str:
+    """Hash of everything that changes what would be generated (not `n`: more can be added)."""
+    request = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("n", "out", "overwrite", "device", "validation"):
+        request.pop(key, None)
+    if cfg.target is not None and Path(cfg.target).exists():
+        request["target_sha256"] = hashlib.sha256(Path(cfg.target).read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_out_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
+    from xanesdiff.datasets.spectra_io import atomic_write_text
+
+    marker = out / "request.json"
+    if marker.exists() and not overwrite:
+        previous = json.loads(marker.read_text()).get("fingerprint")
+        if previous != fingerprint:
+            raise XanesdiffInputError(
+                f"{out} holds results of a different request (fingerprint {previous}, this one "
+                f"{fingerprint}); choose another out=… or pass overwrite=true", "out")
+    if overwrite:
+        for stale in (out / "samples").glob("sample_*.extxyz"):
+            stale.unlink()
+    atomic_write_text(marker, json.dumps({"fingerprint": fingerprint}) + "\n")
+
+
+def check_density(density):
+    if density is None:
+        return None
+    density = float(density)
+    lo, hi = DENSITY_HARD_BOUNDS_G_CM3
+    if not lo <= density <= hi:
+        raise XanesdiffInputError(
+            f"density {density} g/cm³ is outside {lo}–{hi} g/cm³, where carbon networks exist "
+            "(the models are trained on 1.5–3.5)", "density")
+    if not 1.5 <= density <= 3.5:
+        log.warning("density %.2f g/cm³ is outside the trained range 1.5–3.5: extrapolation",
+                    density)
+    return density
+
+
+def make_sampler(prior, cfg):
+    from xanesdiff.diffusion.samplers import RestartSampler
+
+    return RestartSampler(prior.schedule, n_steps=cfg.n_steps, t_end=0.01,
+                          n_restarts=cfg.n_restarts, t_restart=cfg.t_restart,
+                          n_restart_steps=cfg.n_restart_steps,
+                          final_corrector_steps=cfg.final_corrector_steps)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Generate, validate and report; returns the report dict."""
+    import ase.io
+    import torch
+    from tqdm import tqdm
+
+    from xanesdiff.analysis.plots import plot_structure_report
+    from xanesdiff.analysis.structure import structure_report
+    from xanesdiff.diffusion.prior import load_prior
+    from xanesdiff.forward.surrogate import load_surrogate
+    from xanesdiff.guidance.pipeline import DensitySearch, GuidedGenerator
+    from xanesdiff.guidance.report import (plot_density_scan, plot_spectra, write_extxyz,
+                                           write_json)
+    from xanesdiff.guidance.target import load_target
+    from xanesdiff.guidance.validation import (load_potential, relax, spectral_match,
+                                               validate_spectrum)
+    from xanesdiff.datasets.spectra_io import write_spectra_csv
+
+    if int(cfg.n) < 1:
+        raise XanesdiffInputError(f"n must be a positive number of structures, got {cfg.n}", "n")
+    if int(cfg.n_atoms) < 2:
+        raise XanesdiffInputError(f"n_atoms must be at least 2, got {cfg.n_atoms}", "n_atoms")
+    density = check_density(cfg.density)
+    out = Path(cfg.out)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+
+    surrogate = load_surrogate(cfg.models.surrogate)
+    judge = _load_judge(cfg.models.judge, load_surrogate)
+    prior = load_prior(cfg.models.prior)
+    target = None
+    if cfg.target is not None:
+        target = load_target(cfg.target, surrogate, **OmegaConf.to_container(cfg.target_prep))
+    terms = build_terms(cfg)
+    for term in terms:
+        term.bind(surrogate, None if target is None else target.spectrum)
+    if density is None and target is None:
+        raise XanesdiffInputError("density is needed when there is no target spectrum to infer "
+                                  "it from", "density")
+    check_out_dir(out, request_fingerprint(cfg), bool(cfg.overwrite))
+
+    generator = GuidedGenerator(prior, surrogate, terms, make_sampler(prior, cfg.sampler),
+                                n_atoms=int(cfg.n_atoms),
+                                through_denoiser=cfg.sampler.through_denoiser,
+                                max_ratio=cfg.sampler.max_ratio)
+    report: dict = {"target": None if target is None else
+                    {"source": target.source, "kind": target.kind, **target.details}}
+    scan_path = out / "density_scan.json"
+    if density is None:
+        if scan_path.exists():
+            saved = json.loads(scan_path.read_text())
+            density, scan = saved["inferred_density_g_cm3"], saved["scan"]
+        else:
+            search = DensitySearch(**OmegaConf.to_container(cfg.density_search))
+            density, scan = search.run(generator, target.spectrum, progress=tqdm)
+            write_json(scan_path, {"inferred_density_g_cm3": density, "scan": scan})
+        plot_density_scan(out / "density_scan.png", scan, density)
+        report["density"] = {"inferred_g_cm3": density, "scan": scan}
+    else:
+        report["density"] = {"given_g_cm3": density}
+
+    _set_relative_references(terms, generator, target, density, int(cfg.seed))
+
+    potential = load_potential() if cfg.validation.relax else None
+    frames = []
+    for i in tqdm(range(int(cfg.n)), desc="generate"):
+        seed = int(cfg.seed) + i
+        path = out / "samples" / f"sample_{i:03d}.extxyz"
+        if path.exists():
+            frames.append(ase.io.read(path))
+            continue
+        atoms, gen_log = generator.generate(density, seed)
+        info = {**gen_log, **_spectral_info(atoms, target, surrogate, judge, validate_spectrum)}
+        if potential is not None:
+            relaxed, energies = relax(atoms, potential, cfg.validation.relax_fmax_eV_A,
+                                      cfg.validation.relax_steps)
+            info.update(energies)
+            if target is not None:
+                after = validate_spectrum(relaxed, target.spectrum, judge or surrogate)
+                info["relaxed_mae"] = after["mae"]
+        atoms.info.update({k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                           for k, v in info.items()})
+        write_extxyz(path, [atoms])
+        frames.append(atoms)
+
+    write_extxyz(out / "structures.extxyz", frames)
+    reference = _training_reference(density)
+    structure = structure_report(frames, reference)
+    plot_structure_report(structure, out / "structure.png",
+                          title=f"generated at {density:.2f} g/cm³")
+    grid = surrogate.grid.energies_eV
+    predicted = [np.asarray(a.info["predicted"]) for a in frames]
+    stds = [np.asarray(a.info["predicted_std"]) for a in frames]
+    plot_spectra(out / "spectra.png", grid, None if target is None else target.spectrum,
+                 predicted, stds, [f"structure {i}" for i in range(len(frames))],
+                 title=f"{len(frames)} structures at {density:.2f} g/cm³")
+    columns = {} if target is None else {"target": target.spectrum}
+    columns.update({f"structure_{i}": p for i, p in enumerate(predicted)})
+    write_spectra_csv(out / "spectra.csv", grid, columns)
+
+    per_structure = []
+    for i, atoms in enumerate(frames):
+        row = {k: v for k, v in atoms.info.items() if not isinstance(v, (list, np.ndarray))}
+        row.update(structure["per_structure"][i])
+        per_structure.append(row)
+    summary = {"density_g_cm3": density, "n_structures": len(frames)}
+    if target is not None:
+        mean_pred = np.mean(predicted, axis=0)
+        summary["mean_prediction_match"] = spectral_match(mean_pred, target.spectrum)
+        if judge is not None:
+            judged = np.mean([np.asarray(a.info["judge_predicted"]) for a in frames], axis=0)
+            summary["judged_mean_match"] = spectral_match(judged, target.spectrum)
+    summary.update({k: structure["pooled"][k] for k in structure["pooled"]})
+    report.update({"summary": summary, "per_structure": per_structure,
+                   "structure": {k: v for k, v in structure.items() if k != "per_structure"},
+                   "guidance": OmegaConf.to_container(cfg.guidance), "steer": cfg.steer,
+                   "config": OmegaConf.to_container(cfg, resolve=True)})
+    write_json(out / "report.json", report)
+    log.info("wrote %d structures and report.json to %s", len(frames), out)
+    return report
+
+
+def _load_judge(path, load_surrogate):
+    import xanesdiff
+
+    if path is None:
+        default = xanesdiff.PACKAGE_ROOT / "checkpoints" / "forward_judge.pt"
+        return load_surrogate(default) if default.exists() else None
+    return load_surrogate(path)
+
+
+def _spectral_info(atoms, target, surrogate, judge, validate_spectrum) -> dict:
+    spectrum = None if target is None else target.spectrum
+    info = validate_spectrum(atoms, spectrum, surrogate)
+    if judge is not None:
+        info.update(validate_spectrum(atoms, spectrum, judge, prefix="judge_"))
+    return info
+
+
+def _set_relative_references(terms, generator, target, density, seed) -> None:
+    """Relative feature targets (e.g. +20% π*) refer to the target spectrum when there is one,
+    else to an unguided structure's prediction at the same density and seed."""
+    import torch
+
+    from xanesdiff.guidance.validation import predict_members
+
+    relative = [t for t in terms if getattr(t, "relative", None) is not None]
+    if not relative:
+        return
+    if target is not None:
+        reference = target.spectrum
+    else:
+        atoms, _ = generator.generate(density, seed, guided=False)
+        reference = predict_members(generator.surrogate, atoms).mean(0)
+    for term in relative:
+        term.set_reference(torch.as_tensor(reference, dtype=torch.float32))
+
+
+def _training_reference(density: float):
+    """Frames of the training network nearest in density, when the dataset is available."""
+    try:
+        from xanesdiff.datasets.dataset import load_dataset
+
+        dataset = load_dataset()
+    except Exception:  # the report is still useful without a reference
+        return None
+    network = min(dataset.networks, key=lambda n: abs(dataset.network_density(n) - density))
+    return [f.atoms for f in dataset.frames_of([network])]
+
+
+@hydra_app("generate")
+def main(cfg: DictConfig):
+    set_threads()
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
