@@ -61,4 +61,4 @@ class RDFTarget(GuidanceTerm):
     def energy(self, x0_A, cell_A, numbers):
         g = smooth_rdf(x0_A, cell_A, self.r.to(x0_A.dtype), self.width_A)
         diff = g - self.g.to(x0_A.dtype)
-        return 0.5 * (diff / self.sigma).pow(2).sum(), {"rmse": float(diff.pow(2).mean().sqrt())}
+        return 0.5 * (diff / self.sigma).pow(2).sum(), {"rmse": float(diff.detach().pow(2).mean().sqrt())}
