@@ -40,23 +40,26 @@ class RDFTarget(GuidanceTerm):
     name = "rdf"
 
     def __init__(self, r_A=None, g_target=None, sigma: float = 0.1, width_A: float = 0.05,
-                 schedule=None):
+                 schedule=None, reference: str | None = None, r_max_A: float = 4.0,
+                 n_bins: int = 80):
+        """Target from arrays (`r_A`, `g_target`), or from a `reference` structure file whose
+        smooth g(r) on 0.8–`r_max_A` Å becomes the target."""
         super().__init__(schedule)
-        self.r = None if r_A is None else torch.as_tensor(np.asarray(r_A), dtype=torch.float32)
-        self.g = None if g_target is None else torch.as_tensor(np.asarray(g_target),
-                                                               dtype=torch.float32)
+        if reference is not None:
+            from xanesdiff.datasets.structures import read_structures
+
+            atoms = read_structures(reference, index="-1")[0]
+            r_A = torch.linspace(0.8, r_max_A, n_bins, dtype=torch.float64)
+            g_target = smooth_rdf(torch.tensor(atoms.positions), torch.tensor(atoms.cell.array),
+                                  r_A, width_A)
+        if r_A is None or g_target is None:
+            raise ValueError("RDFTarget needs r_A and g_target, or a reference structure file")
+        self.r = torch.as_tensor(np.asarray(r_A), dtype=torch.float32)
+        self.g = torch.as_tensor(np.asarray(g_target), dtype=torch.float32)
         self.sigma, self.width_A = float(sigma), float(width_A)
 
     def bind(self, surrogate=None, target=None):
         return self
-
-    @classmethod
-    def from_structure(cls, atoms, r_max_A: float = 4.0, n_bins: int = 80, **kwargs):
-        """Target g(r) of a reference structure (e.g. a measured PDF's model)."""
-        r = torch.linspace(0.8, r_max_A, n_bins, dtype=torch.float64)
-        g = smooth_rdf(torch.tensor(atoms.positions), torch.tensor(atoms.cell.array), r,
-                       kwargs.get("width_A", 0.05))
-        return cls(r.float(), g.float(), **kwargs)
 
     def energy(self, x0_A, cell_A, numbers):
         g = smooth_rdf(x0_A, cell_A, self.r.to(x0_A.dtype), self.width_A)

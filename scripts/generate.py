@@ -86,15 +86,6 @@ def check_density(density):
     return density
 
 
-def make_sampler(prior, cfg):
-    from xanesdiff.diffusion.samplers import RestartSampler
-
-    return RestartSampler(prior.schedule, n_steps=cfg.n_steps, t_end=0.01,
-                          n_restarts=cfg.n_restarts, t_restart=cfg.t_restart,
-                          n_restart_steps=cfg.n_restart_steps,
-                          final_corrector_steps=cfg.final_corrector_steps)
-
-
 def run(cfg: DictConfig) -> dict:
     """Generate, validate and report; returns the report dict."""
     import ase.io
@@ -135,10 +126,12 @@ def run(cfg: DictConfig) -> dict:
                                   "it from", "density")
     check_out_dir(out, request_fingerprint(cfg), bool(cfg.overwrite))
 
-    generator = GuidedGenerator(prior, surrogate, terms, make_sampler(prior, cfg.sampler),
-                                n_atoms=int(cfg.n_atoms),
-                                through_denoiser=cfg.sampler.through_denoiser,
-                                max_ratio=cfg.sampler.max_ratio)
+    from hydra.utils import instantiate
+
+    sampler = instantiate(cfg.sampler, schedule=prior.schedule)
+    generator = GuidedGenerator(prior, surrogate, terms, sampler, n_atoms=int(cfg.n_atoms),
+                                through_denoiser=cfg.guided_score.through_denoiser,
+                                max_ratio=cfg.guided_score.max_ratio)
     report: dict = {"target": None if target is None else
                     {"source": target.source, "kind": target.kind, **target.details}}
     scan_path = out / "density_scan.json"
