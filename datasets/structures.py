@@ -71,6 +71,16 @@ def validate_periodic_structure(atoms: Atoms, source: str) -> None:
         )
 
 
+def check_elements(atoms: Atoms, supported: set[str] | list[str], source: str) -> None:
+    """Refuse elements a model was not trained for, naming them and the supported ones."""
+    present = set(atoms.get_chemical_symbols())
+    unknown = sorted(present - set(supported))
+    if unknown:
+        raise XanesdiffInputError(
+            f"element(s) {', '.join(unknown)} not supported: the models were trained for "
+            f"{', '.join(sorted(supported))} only", source)
+
+
 def minimum_distance(atoms: Atoms, cutoff_A: float = 2.0) -> float:
     """Smallest interatomic distance (Å) under periodic boundaries; `cutoff_A` if none is closer."""
     from xanesdiff.datasets.graph import periodic_neighbor_list

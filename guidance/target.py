@@ -53,9 +53,12 @@ def load_target(path: str | os.PathLike, surrogate, *, shift_eV: float | None = 
     if _is_structure(path):
         from xanesdiff.datasets.structures import read_structures
 
+        from xanesdiff.datasets.structures import check_elements
+
         frames = read_structures(path)
         spectra = []
-        for atoms in frames:
+        for k, atoms in enumerate(frames):
+            check_elements(atoms, {surrogate.absorber}, f"{path} (frame {k})")
             with torch.no_grad():
                 members = surrogate.mean_spectrum(
                     torch.tensor(atoms.positions, dtype=torch.float32),
