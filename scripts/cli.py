@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-prior": ("train_prior", "train the equivariant diffusion prior"),
     "sample": ("sample", "sample structures from the prior (no guidance) with a structure report"),
     "generate": ("generate", "spectrum-guided generation with validation report (the main job)"),
+    "library": ("library", "generate a library of validated structures into an ASE database"),
+    "library-merge": ("library_merge", "merge library shard databases into one"),
 }
 
 
