@@ -47,15 +47,10 @@ class DiffusionPrior:
             batch = torch.zeros(pos_A.shape[0], dtype=torch.long)
         edge_index, edge_shift = self.neighbors.get(pos_A, cell, batch)
         sigma = self.schedule.sigma(torch.as_tensor(t, dtype=pos_A.dtype))
-        model = self.score_model
-        if model_dtype_differs := (self.dtype != pos_A.dtype):
-            model = model.to(pos_A.dtype)
-        try:
-            with torch.set_grad_enabled(pos_A.requires_grad or torch.is_grad_enabled()):
-                return model(pos_A, cell, numbers, sigma, edge_index, edge_shift, batch)
-        finally:
-            if model_dtype_differs:
-                pass
+        if self.dtype != pos_A.dtype:
+            raise TypeError(f"positions are {pos_A.dtype} but the prior is {self.dtype}; "
+                            "convert one (prior.to(dtype))")
+        return self.score_model(pos_A, cell, numbers, sigma, edge_index, edge_shift, batch)
 
     def score(self, pos_A: torch.Tensor, cell_A: torch.Tensor, numbers, t) -> torch.Tensor:
         """Score ∇ log p_t(x) (N,3) in 1/Å for one cell: pos (N,3) Å, cell (3,3) Å, t ∈ (0, 1]."""
@@ -65,6 +60,17 @@ class DiffusionPrior:
         """Tweedie estimate x̂0 = x + σ(t)²·score (Å), not wrapped (differentiable in pos)."""
         sigma = self.schedule.sigma(float(t))
         return pos_A + sigma ** 2 * self.score(pos_A, cell_A, numbers, t)
+
+    def sample(self, n_atoms: int | None = None, density_g_cm3: float | None = None,
+               cell_A=None, n_samples: int = 1, seed: int = 0, sampler=None,
+               extra_score=None):
+        """Sample cells (list of ASE Atoms); see `xanesdiff.diffusion.sampling.sample_structures`.
+        `extra_score(pos, t) -> (N,3)` is added to the prior's score (guidance hook)."""
+        from xanesdiff.diffusion.sampling import sample_structures
+
+        return sample_structures(self, n_atoms=n_atoms, density_g_cm3=density_g_cm3,
+                                 cell_A=cell_A, n_samples=n_samples, seed=seed, sampler=sampler,
+                                 extra_score=extra_score)
 
     def to(self, dtype: torch.dtype) -> "DiffusionPrior":
         self.score_model = self.score_model.to(dtype)

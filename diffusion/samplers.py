@@ -1,0 +1,204 @@
+"""Reverse-time samplers, each built from a noise schedule and given a score function.
+
+A sampler knows nothing of graphs or models: `sample(pos, score_fn, wrap_fn, generator)` takes
+initial positions (N,3) Å, `score_fn(pos, t) -> (N,3)` 1/Å (a plain callable, so guidance can add
+to it), and `wrap_fn(pos) -> pos` that maps positions back into their cells. Every step is checked
+for non-finite positions. Vectorised over atoms (and cells, when the score function is batched).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+ScoreFn = Callable[[torch.Tensor, float], torch.Tensor]
+WrapFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class IncompatibleSampler(ValueError):
+    """A sampler used with a noise process it does not support."""
+
+
+class NonFiniteSampleError(FloatingPointError):
+    """Positions became NaN/inf during sampling; the message names the step and time."""
+
+
+def _check_finite(pos: torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(pos).all()):
+        n_bad = int((~torch.isfinite(pos)).any(-1).sum())
+        raise NonFiniteSampleError(
+            f"non-finite positions for {n_bad} atoms at {where}; lower the guidance strength or "
+            "use more steps")
+
+
+class Sampler:
+    """Base: a time grid from `t_start` to `t_end`, optional final Langevin corrector steps at
+    `t_end` and a final Tweedie denoising step x ← x + σ(t_end)² s(x, t_end)."""
+
+    name = "base"
+
+    def __init__(self, schedule, n_steps: int = 100, t_start: float = 1.0, t_end: float = 0.01,
+                 final_corrector_steps: int = 0, corrector_snr: float = 0.1,
+                 final_denoise: bool = True):
+        if not hasattr(schedule, "diffusion_coeff_sq") or not hasattr(schedule, "sigma"):
+            raise IncompatibleSampler(f"{type(self).__name__} needs a schedule with sigma(t) and "
+                                      f"diffusion_coeff_sq(t), got {type(schedule).__name__}")
+        if not (0 < t_end < t_start) or n_steps < 1:
+            raise ValueError(f"need 0 < t_end < t_start and n_steps ≥ 1 (got {t_end}, {t_start}, "
+                             f"{n_steps})")
+        self.schedule = schedule
+        self.n_steps, self.t_start, self.t_end = int(n_steps), float(t_start), float(t_end)
+        self.final_corrector_steps = int(final_corrector_steps)
+        self.corrector_snr = float(corrector_snr)
+        self.final_denoise = bool(final_denoise)
+        self.n_score_evals = 0
+
+    def time_grid(self, t_start: float | None = None, t_end: float | None = None,
+                  n_steps: int | None = None) -> list[float]:
+        t_start = self.t_start if t_start is None else t_start
+        t_end = self.t_end if t_end is None else t_end
+        n = self.n_steps if n_steps is None else n_steps
+        return torch.linspace(t_start, t_end, n + 1, dtype=torch.float64).tolist()
+
+    def _score(self, score_fn, pos, t):
+        self.n_score_evals += 1
+        return score_fn(pos, t)
+
+    def _noise(self, pos, generator):
+        return torch.randn(pos.shape, generator=generator, dtype=pos.dtype, device=pos.device)
+
+    # --- building blocks ---------------------------------------------------------------------
+    def em_step(self, pos, score_fn, wrap_fn, t, t_next, generator, add_noise=True):
+        """One Euler–Maruyama step of the reverse SDE dx = [f − g² s] dt + g dW̄ from t to t_next."""
+        dt = t - t_next
+        g2 = self.schedule.diffusion_coeff_sq(t)
+        score = self._score(score_fn, pos, t)
+        pos = pos - self.schedule.drift(pos, t) * dt + g2 * dt * score
+        if add_noise:
+            pos = pos + (g2 * dt) ** 0.5 * self._noise(pos, generator)
+        return wrap_fn(pos)
+
+    def langevin_step(self, pos, score_fn, wrap_fn, t, generator):
+        """Langevin corrector with the signal-to-noise step rule of score_sde."""
+        score = self._score(score_fn, pos, t)
+        z = self._noise(pos, generator)
+        step = 2 * (self.corrector_snr * z.norm() / score.norm().clamp_min(1e-12)) ** 2
+        return wrap_fn(pos + step * score + (2 * step) ** 0.5 * z)
+
+    def finish(self, pos, score_fn, wrap_fn, generator):
+        for k in range(self.final_corrector_steps):
+            pos = self.langevin_step(pos, score_fn, wrap_fn, self.t_end, generator)
+            _check_finite(pos, f"final corrector step {k}")
+        if self.final_denoise:
+            sigma = self.schedule.sigma(self.t_end)
+            pos = wrap_fn(pos + sigma ** 2 * self._score(score_fn, pos, self.t_end))
+            _check_finite(pos, "final denoising step")
+        return pos
+
+    def run(self, pos, score_fn, wrap_fn, generator, t_start=None, n_steps=None):
+        raise NotImplementedError
+
+    def sample(self, pos: torch.Tensor, score_fn: ScoreFn, wrap_fn: WrapFn,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Integrate from `t_start` to `t_end` starting at `pos`, then finish (corrector, denoise).
+
+        Runs under `torch.no_grad()`; a score function that needs gradients (guidance) enables
+        them itself (`with torch.enable_grad(): ...`)."""
+        _check_finite(pos, "the initial state")
+        with torch.no_grad():
+            pos = self.run(pos.detach(), score_fn, wrap_fn, generator)
+            return self.finish(pos, score_fn, wrap_fn, generator)
+
+
+class EulerMaruyama(Sampler):
+    """Euler–Maruyama integration of the reverse-time SDE (noise on every step but the last)."""
+
+    name = "em"
+
+    def run(self, pos, score_fn, wrap_fn, generator, t_start=None, n_steps=None):
+        grid = self.time_grid(t_start, None, n_steps)
+        for k, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+            pos = self.em_step(pos, score_fn, wrap_fn, t, t_next, generator,
+                               add_noise=k < len(grid) - 2)
+            _check_finite(pos, f"step {k} (t={t:.4f})")
+        return pos
+
+
+class PredictorCorrector(EulerMaruyama):
+    """EM predictor followed by `n_corrector` Langevin corrector steps at each new time."""
+
+    name = "pc"
+
+    def __init__(self, schedule, n_corrector: int = 1, **kwargs):
+        super().__init__(schedule, **kwargs)
+        self.n_corrector = int(n_corrector)
+
+    def run(self, pos, score_fn, wrap_fn, generator, t_start=None, n_steps=None):
+        grid = self.time_grid(t_start, None, n_steps)
+        for k, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+            pos = self.em_step(pos, score_fn, wrap_fn, t, t_next, generator)
+            for _ in range(self.n_corrector):
+                pos = self.langevin_step(pos, score_fn, wrap_fn, t_next, generator)
+            _check_finite(pos, f"step {k} (t={t:.4f})")
+        return pos
+
+
+class ProbabilityFlow(Sampler):
+    """Heun (2nd order) integration of the probability-flow ODE dx/dt = f − ½ g² s."""
+
+    name = "ode"
+
+    def run(self, pos, score_fn, wrap_fn, generator, t_start=None, n_steps=None):
+        grid = self.time_grid(t_start, None, n_steps)
+
+        def velocity(x, t):  # dx/d(−t)
+            return 0.5 * self.schedule.diffusion_coeff_sq(t) * self._score(score_fn, x, t)
+
+        for k, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+            dt = t - t_next
+            v1 = velocity(pos, t)
+            trial = pos + dt * v1
+            v2 = velocity(trial, t_next)
+            pos = wrap_fn(pos + 0.5 * dt * (v1 + v2))
+            _check_finite(pos, f"step {k} (t={t:.4f})")
+        return pos
+
+
+class RestartSampler(Sampler):
+    """Restart sampling (Xu et al. 2023): a base run to `t_end`, then `n_restarts` rounds of
+    re-noising to `t_restart` (adding the missing variance σ(t_restart)² − σ(t_end)²) and
+    integrating back down with `n_restart_steps` steps of the base sampler."""
+
+    name = "restart"
+
+    def __init__(self, schedule, base: Sampler | None = None, n_restarts: int = 2,
+                 t_restart: float = 0.3, n_restart_steps: int = 30, **kwargs):
+        super().__init__(schedule, **kwargs)
+        self.base = base or EulerMaruyama(schedule, n_steps=self.n_steps, t_start=self.t_start,
+                                          t_end=self.t_end, final_denoise=False)
+        if abs(self.base.t_end - self.t_end) > 1e-12:
+            raise ValueError("base sampler and restart sampler must end at the same t_end")
+        if not (self.t_end < t_restart <= self.t_start):
+            raise ValueError(f"t_restart={t_restart} must lie in (t_end, t_start]")
+        self.n_restarts, self.t_restart = int(n_restarts), float(t_restart)
+        self.n_restart_steps = int(n_restart_steps)
+
+    def _score(self, score_fn, pos, t):  # count evaluations made by the base sampler too
+        self.n_score_evals += 1
+        return score_fn(pos, t)
+
+    def run(self, pos, score_fn, wrap_fn, generator, t_start=None, n_steps=None):
+        counted = lambda x, t: self._score(score_fn, x, t)  # noqa: E731
+        pos = self.base.run(pos, counted, wrap_fn, generator, t_start, n_steps)
+        extra_sd = (self.schedule.sigma(self.t_restart) ** 2
+                    - self.schedule.sigma(self.t_end) ** 2) ** 0.5
+        for r in range(self.n_restarts):
+            pos = wrap_fn(pos + extra_sd * self._noise(pos, generator))
+            pos = self.base.run(pos, counted, wrap_fn, generator, self.t_restart,
+                                self.n_restart_steps)
+            _check_finite(pos, f"restart round {r}")
+        return pos
+
+
+SAMPLERS = {c.name: c for c in (EulerMaruyama, PredictorCorrector, ProbabilityFlow, RestartSampler)}

@@ -1,0 +1,142 @@
+"""Equivariance, periodicity and schedule identities of the diffusion prior's parts."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from e3nn import o3
+
+from xanesdiff.datasets.graph import periodic_graph, wrap_positions
+from xanesdiff.diffusion.loss import dsm_loss
+from xanesdiff.diffusion.neighbors import NeighborListCache
+from xanesdiff.diffusion.schedule import VESchedule, minimum_image
+from xanesdiff.diffusion.score_model import EquivariantScoreModel
+
+
+def small_model(**kw):
+    torch.manual_seed(0)
+    config = dict(cutoff_A=3.0, irreps_hidden="8x0e + 4x1o + 2x1e", n_layers=2, lmax=2,
+                  radial_hidden=8, n_basis=4, n_noise_features=8)
+    config.update(kw)
+    return EquivariantScoreModel(**config).double()
+
+
+@pytest.fixture(scope="module")
+def cell_and_pos():
+    gen = torch.Generator().manual_seed(1)
+    # a triclinic cell, ~40 atoms at ~2 g/cm³
+    cell = torch.tensor([[7.2, 0.0, 0.0], [1.1, 6.9, 0.0], [-0.7, 0.8, 7.4]], dtype=torch.float64)
+    pos = torch.rand((40, 3), generator=gen, dtype=torch.float64) @ cell
+    numbers = torch.full((40,), 6, dtype=torch.long)
+    numbers[::7] = 1  # multi-element input
+    return cell, pos, numbers
+
+
+def scores(model, pos, cell, numbers, sigma=0.3):
+    g = periodic_graph(pos, cell, numbers, model.cutoff_A)
+    return model(pos, cell.unsqueeze(0), numbers, torch.tensor(sigma, dtype=pos.dtype),
+                 g.edge_index, g.edge_shift.double())
+
+
+def rel_err(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm())
+
+
+def test_rotation_translation_permutation_equivariance(cell_and_pos):
+    cell, pos, numbers = cell_and_pos
+    model = small_model()
+    ref = scores(model, pos, cell, numbers)
+    assert ref.norm() > 0
+    torch.manual_seed(3)
+    rot = o3.rand_matrix().double()
+    perm = torch.randperm(len(pos), generator=torch.Generator().manual_seed(4))
+    shift = torch.tensor([2.3, -5.1, 0.7], dtype=torch.float64)
+    cell_r = cell @ rot.T
+    pos_r = wrap_positions((pos + shift) @ rot.T, cell_r)[perm]
+    out = scores(model, pos_r, cell_r, numbers[perm])
+    assert rel_err(out, (ref @ rot.T)[perm]) < 1e-5
+    # an improper rotation (parity): the output is a polar vector (1o)
+    out_inv = scores(model, -pos, -cell, numbers)
+    assert rel_err(out_inv, -ref) < 1e-5
+
+
+def test_periodic_images_give_same_scores(cell_and_pos):
+    cell, pos, numbers = cell_and_pos
+    model = small_model()
+    ref = scores(model, pos, cell, numbers)
+    lattice_shift = torch.tensor([[1, 0, -1], [0, 2, 0]], dtype=torch.float64) @ cell
+    moved = pos.clone()
+    moved[3] += lattice_shift[0]
+    moved[11] += lattice_shift[1]
+    assert rel_err(scores(model, moved, cell, numbers), ref) < 1e-6
+    # an equivalent (sheared) choice of lattice vectors for the same crystal
+    cell2 = cell.clone()
+    cell2[2] = cell[2] + cell[0] - cell[1]
+    assert rel_err(scores(model, wrap_positions(pos, cell2), cell2, numbers), ref) < 1e-6
+
+
+def test_skin_graph_equals_fresh_graph(cell_and_pos):
+    cell, pos, numbers = cell_and_pos
+    model = small_model()
+    cache = NeighborListCache(model.cutoff_A, skin_A=1.0)
+    edge_index, edge_shift = cache.get(pos, cell)
+    out = model(pos, cell.unsqueeze(0), numbers, torch.tensor(0.3, dtype=torch.float64),
+                edge_index, edge_shift)
+    assert rel_err(out, scores(model, pos, cell, numbers)) < 1e-10
+    # small moves reuse the graph; a move beyond skin/2 rebuilds it
+    cache.get(pos + 0.2, cell)
+    assert cache.n_builds == 1
+    moved = pos.clone()
+    moved[0, 0] += 0.6
+    cache.get(moved, cell)
+    assert cache.n_builds == 2
+
+
+def test_score_is_smooth_when_neighbours_cross_cutoff():
+    model = small_model()
+    cell = torch.eye(3, dtype=torch.float64) * 12.0
+    numbers = torch.tensor([6, 6])
+    out = []
+    for d in (model.cutoff_A - 1e-4, model.cutoff_A + 1e-4):
+        pos = torch.tensor([[1.0, 1.0, 1.0], [1.0 + d, 1.0, 1.0]], dtype=torch.float64)
+        out.append(scores(model, pos, cell, numbers))
+    assert (out[0] - out[1]).abs().max() < 1e-6
+
+
+def test_schedule_identities():
+    sched = VESchedule(sigma_per_t_A=0.8)
+    t = torch.linspace(0.01, 1.0, 7, dtype=torch.float64)
+    assert torch.allclose(sched.sigma(t), 0.8 * t)
+    assert torch.allclose(sched.t_of_sigma(sched.sigma(t)), t)
+    # g² = dσ²/dt, checked by finite differences
+    h = 1e-6
+    fd = (sched.sigma(t + h) ** 2 - sched.sigma(t - h) ** 2) / (2 * h)
+    assert torch.allclose(sched.diffusion_coeff_sq(t), fd, rtol=1e-6)
+    with pytest.raises(ValueError):
+        VESchedule(sigma_per_t_A=-1)
+
+
+def test_marginal_noising_wraps_and_has_the_right_variance():
+    sched = VESchedule(0.8)
+    cell = torch.tensor([[5.0, 0, 0], [1.0, 5.0, 0], [0, 0, 5.0]], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    pos0 = sched.prior_sampling(20000, cell, gen, torch.float64)
+    frac0 = torch.linalg.solve(cell.T, pos0.T).T
+    assert (frac0 >= 0).all() and (frac0 < 1).all()
+    pos_t, disp = sched.marginal_sample(pos0, cell, torch.tensor(0.5), generator=gen)
+    frac = torch.linalg.solve(cell.T, pos_t.T).T
+    assert (frac >= 0).all() and (frac < 1).all()
+    assert abs(float(disp.std()) - 0.4) < 0.01          # σ(0.5) = 0.4 Å per coordinate
+    # the displacement is the minimum image of (x_t − x_0): adding it back lands on x_t modulo cell
+    back = wrap_positions(pos0 + disp, cell)
+    assert torch.allclose(minimum_image(back - pos_t, cell), torch.zeros_like(pos_t), atol=1e-9)
+
+
+def test_dsm_loss_is_zero_for_the_exact_score_and_three_for_zero():
+    disp = torch.randn(500, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.3
+    sigma = torch.full((500,), 0.3, dtype=torch.float64)
+    exact = -disp / sigma[:, None] ** 2
+    assert float(dsm_loss(exact, disp, sigma)) < 1e-20
+    assert abs(float(dsm_loss(torch.zeros_like(disp), disp, sigma)) - 3.0) < 0.4

@@ -1,0 +1,163 @@
+"""Samplers, the prior object, checkpoints, and the train-prior / sample commands end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xanesdiff.datasets.errors import XanesdiffInputError
+from xanesdiff.diffusion.prior import DiffusionPrior, load_prior, save_prior
+from xanesdiff.diffusion.samplers import (EulerMaruyama, NonFiniteSampleError,
+                                          PredictorCorrector, ProbabilityFlow, RestartSampler)
+from xanesdiff.diffusion.sampling import cubic_cell_for_density, resolve_cell_and_count
+from xanesdiff.diffusion.schedule import VESchedule
+from xanesdiff.diffusion.score_model import EquivariantScoreModel
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_prior():
+    torch.manual_seed(0)
+    model = EquivariantScoreModel(cutoff_A=3.0, irreps_hidden="8x0e + 4x1o", n_layers=1, lmax=1,
+                                  radial_hidden=8, n_basis=4, n_noise_features=8)
+    return DiffusionPrior(model, VESchedule(0.8))
+
+
+SAMPLERS = [
+    lambda s: EulerMaruyama(s, n_steps=6, final_corrector_steps=2),
+    lambda s: PredictorCorrector(s, n_steps=4, n_corrector=1),
+    lambda s: ProbabilityFlow(s, n_steps=4),
+    lambda s: RestartSampler(s, n_steps=4, n_restarts=2, t_restart=0.3, n_restart_steps=3),
+]
+
+
+@pytest.mark.parametrize("make_sampler", SAMPLERS, ids=["em", "pc", "ode", "restart"])
+def test_samplers_give_finite_positions_inside_the_cell(tiny_prior, make_sampler):
+    sampler = make_sampler(tiny_prior.schedule)
+    frames = tiny_prior.sample(n_atoms=30, density_g_cm3=2.0, n_samples=2, seed=1, sampler=sampler)
+    assert len(frames) == 2 and all(len(a) == 30 for a in frames)
+    for a in frames:
+        assert np.isfinite(a.positions).all()
+        frac = a.get_scaled_positions(wrap=False)
+        assert (frac >= -1e-6).all() and (frac < 1 + 1e-6).all()
+        assert abs(a.get_volume() - frames[0].get_volume()) < 1e-9
+    assert sampler.n_score_evals > 0
+    # same seed, same samples (stochastic samplers are seeded)
+    again = tiny_prior.sample(n_atoms=30, density_g_cm3=2.0, n_samples=2, seed=1,
+                              sampler=make_sampler(tiny_prior.schedule))
+    assert np.allclose(again[1].positions, frames[1].positions)
+
+
+def test_restart_counts_all_score_evaluations(tiny_prior):
+    sampler = RestartSampler(tiny_prior.schedule, n_steps=4, n_restarts=2, t_restart=0.3,
+                             n_restart_steps=3, final_corrector_steps=1)
+    tiny_prior.sample(n_atoms=20, density_g_cm3=2.0, n_samples=1, seed=0, sampler=sampler)
+    assert sampler.n_score_evals == 4 + 2 * 3 + 1 + 1
+
+
+def test_extra_score_is_added_and_non_finite_steps_are_named(tiny_prior):
+    calls = []
+
+    def zero_extra(pos, t):
+        calls.append(t)
+        return torch.zeros_like(pos)
+
+    tiny_prior.sample(n_atoms=20, density_g_cm3=2.0, n_samples=1, seed=0,
+                      sampler=EulerMaruyama(tiny_prior.schedule, n_steps=3), extra_score=zero_extra)
+    assert len(calls) == 4  # 3 steps + final denoise
+
+    def explode(pos, t):
+        return torch.full_like(pos, float("nan")) if t < 0.5 else torch.zeros_like(pos)
+
+    with pytest.raises(NonFiniteSampleError, match=r"step 2 \(t=0\.34"):
+        tiny_prior.sample(n_atoms=20, density_g_cm3=2.0, n_samples=1, seed=0,
+                          sampler=EulerMaruyama(tiny_prior.schedule, n_steps=3), extra_score=explode)
+
+
+def test_score_is_differentiable_and_denoise_is_tweedie(tiny_prior):
+    cell = torch.tensor(cubic_cell_for_density(20, 2.0), dtype=torch.float32)
+    pos = tiny_prior.schedule.prior_sampling(20, cell, torch.Generator().manual_seed(0))
+    pos.requires_grad_(True)
+    s = tiny_prior.score(pos, cell, torch.full((20,), 6), 0.5)
+    (s ** 2).sum().backward()
+    assert pos.grad is not None and torch.isfinite(pos.grad).all() and pos.grad.abs().sum() > 0
+    with torch.no_grad():
+        x0 = tiny_prior.denoise(pos, cell, torch.full((20,), 6), 0.5)
+        assert torch.allclose(x0, pos + 0.4 ** 2 * s, atol=1e-5)
+
+
+def test_cell_and_count_from_density():
+    n, cell = resolve_cell_and_count(density_g_cm3=2.0)
+    assert n == 216
+    mass_g = 216 * 12.011 * 1.66053906660e-24
+    assert abs(mass_g / (np.linalg.det(cell) * 1e-24) - 2.0) < 1e-3
+    n2, _ = resolve_cell_and_count(density_g_cm3=2.0, cell_A=cell)
+    assert n2 == 216
+    with pytest.raises(XanesdiffInputError):
+        resolve_cell_and_count(n_atoms=10)
+
+
+def test_checkpoint_round_trip_and_wrong_kind(tmp_path, tiny_prior):
+    path = save_prior(tmp_path / "p.pt", tiny_prior.score_model, tiny_prior.schedule, {"x": 1})
+    loaded = load_prior(path)
+    assert loaded.metadata["x"] == 1 and loaded.cutoff_A == tiny_prior.cutoff_A
+    for a, b in zip(loaded.score_model.state_dict().values(),
+                    tiny_prior.score_model.state_dict().values()):
+        assert torch.equal(a, b)
+    torch.save({"kind": "forward_surrogate", "version": 1}, tmp_path / "wrong.pt")
+    with pytest.raises(XanesdiffInputError, match="kind"):
+        load_prior(tmp_path / "wrong.pt")
+    payload = torch.load(path, weights_only=False)
+    payload["version"] = 99
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(XanesdiffInputError, match="version"):
+        load_prior(tmp_path / "future.pt")
+    with pytest.raises(XanesdiffInputError, match="does not exist"):
+        load_prior(tmp_path / "missing.pt")
+
+
+def _cli(*args, cwd):
+    env = dict(os.environ, XANESDIFF_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "xanesdiff.scripts.cli", *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_train_prior_resume_and_sample_cli(tmp_path, assets_root):
+    common = ["score_model=tiny", "training.batch_size=2", "training.steps_per_epoch=2",
+              f"out_dir={tmp_path}/run", f"export_path={tmp_path}/prior.pt",
+              "data.exclude_densities=[1.5]", "hydra.run.dir=" + str(tmp_path / "hydra")]
+    first = _cli("train-prior", "training.max_steps=3", *common, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout.strip().splitlines()[-1])["global_step"] == 3
+    prior = load_prior(tmp_path / "prior.pt")
+    assert prior.metadata["excluded_networks"] == ["rho1.50"] and prior.metadata["global_step"] == 3
+    resumed = _cli("train-prior", "training.max_steps=5", "resume=auto", *common, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["global_step"] == 5
+    assert load_prior(tmp_path / "prior.pt").metadata["global_step"] == 5
+
+    out = tmp_path / "samples"
+    sample = _cli("sample", "density=2.0", "n=2", "n_atoms=40", "seed=3",
+                  f"checkpoint={tmp_path}/prior.pt", f"out={out}", "sampler=em",
+                  "sampler.n_steps=4", "sampler.final_corrector_steps=1",
+                  "hydra.run.dir=" + str(tmp_path / "hydra2"), cwd=tmp_path)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    import ase.io
+
+    frames = ase.io.read(out / "samples.extxyz", index=":")
+    assert len(frames) == 2 and len(frames[0]) == 40
+    assert abs(frames[0].info["density_g_cm3"] - 2.0) < 1e-3
+    report = json.loads((out / "report.json").read_text())
+    assert report["reference_network"] == "rho2.00" and "comparison" in report
+    assert (out / "report.png").stat().st_size > 10_000
+
+    bad = _cli("sample", "density=2.0", f"checkpoint={tmp_path}/nothing.pt", f"out={out}",
+               "hydra.run.dir=" + str(tmp_path / "hydra3"), cwd=tmp_path)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
