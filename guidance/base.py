@@ -62,4 +62,4 @@ class GuidanceTerm(torch.nn.Module):
         if not torch.isfinite(grad).all():
             raise FloatingPointError(f"guidance term {self.name!r} gave a non-finite gradient at "
                                      f"t={t:.4f} (energy {float(energy):.4g})")
-        return -weight * grad, {"energy": float(energy), "weight": weight, **log}
+        return -weight * grad, {"energy": float(energy.detach()), "weight": weight, **log}
