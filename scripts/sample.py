@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> dict:
     sampler = hydra.utils.instantiate(cfg.sampler, schedule=prior.schedule)
     cell = None if cfg.cell is None else OmegaConf.to_container(cfg.cell)
     density = None if cfg.density is None else float(cfg.density)
-    out = Path(cfg.out or f"samples/rho{density}_n{cfg.n}_seed{cfg.seed}")
+    out = Path(cfg.out or f"outputs/samples/rho{density}_n{cfg.n}_seed{cfg.seed}")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     frames = prior.sample(n_atoms=cfg.n_atoms if cell is None or density is None else None,
