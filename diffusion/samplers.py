@@ -33,14 +33,15 @@ def _check_finite(pos: torch.Tensor, where: str) -> None:
 
 
 class Sampler:
-    """Base: a time grid from `t_start` to `t_end`, optional final Langevin corrector steps at
-    `t_end` and a final Tweedie denoising step x ← x + σ(t_end)² s(x, t_end)."""
+    """Base: a time grid from `t_start` to `t_end` (uniform in t^(1/grid_power): grid_power > 1
+    puts more steps at small noise), optional final Langevin corrector steps at `t_end` and a
+    final Tweedie denoising step x ← x + σ(t_end)² s(x, t_end)."""
 
     name = "base"
 
     def __init__(self, schedule, n_steps: int = 100, t_start: float = 1.0, t_end: float = 0.01,
                  final_corrector_steps: int = 0, corrector_snr: float = 0.1,
-                 final_denoise: bool = True):
+                 final_denoise: bool = True, grid_power: float = 1.0):
         if not hasattr(schedule, "diffusion_coeff_sq") or not hasattr(schedule, "sigma"):
             raise IncompatibleSampler(f"{type(self).__name__} needs a schedule with sigma(t) and "
                                       f"diffusion_coeff_sq(t), got {type(schedule).__name__}")
@@ -52,6 +53,7 @@ class Sampler:
         self.final_corrector_steps = int(final_corrector_steps)
         self.corrector_snr = float(corrector_snr)
         self.final_denoise = bool(final_denoise)
+        self.grid_power = float(grid_power)
         self.n_score_evals = 0
 
     def time_grid(self, t_start: float | None = None, t_end: float | None = None,
@@ -59,7 +61,9 @@ class Sampler:
         t_start = self.t_start if t_start is None else t_start
         t_end = self.t_end if t_end is None else t_end
         n = self.n_steps if n_steps is None else n_steps
-        return torch.linspace(t_start, t_end, n + 1, dtype=torch.float64).tolist()
+        p = self.grid_power
+        u = torch.linspace(t_start ** (1 / p), t_end ** (1 / p), n + 1, dtype=torch.float64)
+        return (u ** p).tolist()
 
     def _score(self, score_fn, pos, t):
         self.n_score_evals += 1

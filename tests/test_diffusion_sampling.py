@@ -161,3 +161,13 @@ def test_train_prior_resume_and_sample_cli(tmp_path, assets_root):
     bad = _cli("sample", "density=2.0", f"checkpoint={tmp_path}/nothing.pt", f"out={out}",
                "hydra.run.dir=" + str(tmp_path / "hydra3"), cwd=tmp_path)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_time_grid_runs_from_start_to_end_and_concentrates_at_low_noise():
+    sched = VESchedule(0.8)
+    uniform = EulerMaruyama(sched, n_steps=10, t_end=0.01).time_grid()
+    dense = EulerMaruyama(sched, n_steps=10, t_end=0.01, grid_power=3.0).time_grid()
+    for grid in (uniform, dense):
+        assert len(grid) == 11 and abs(grid[0] - 1.0) < 1e-12 and abs(grid[-1] - 0.01) < 1e-12
+        assert all(a > b for a, b in zip(grid[:-1], grid[1:]))
+    assert dense[-2] - dense[-1] < uniform[-2] - uniform[-1]
