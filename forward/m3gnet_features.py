@@ -1,0 +1,210 @@
+"""Per-atom features from a pretrained M3GNet potential, differentiable in positions and cell.
+
+The backbone is loaded offline from a local matgl model folder (``model.json``/``model.pt``),
+put in eval mode and frozen (unless `trainable=True` for fine-tuning). Input is plain tensors:
+positions (N,3) Å, cell (3,3) Å (rows are lattice vectors), atomic numbers (N,).
+Output is (N, F): the node features of the chosen M3GNet layers, concatenated in layer order.
+
+Layers (M3GNet, 3 blocks, cutoff 5 Å): ``embedding`` is the element embedding only (constant
+for a one-element system), ``gc_1``/``gc_2``/``gc_3`` are node features after each graph block
+(receptive field 5/10/15 Å). ``edge_gc_k`` is the mean over an atom's bonds (within the 5 Å
+graph) of the edge features after block k.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from xanesdiff.datasets.assets import resolve_asset
+from xanesdiff.datasets.errors import XanesdiffInputError
+from xanesdiff.datasets.graph import periodic_neighbor_list
+
+DEFAULT_BACKBONE = "models/M3GNet-MP-2021.2.8-PES"
+DEFAULT_LAYERS = ("gc_1", "gc_2", "gc_3")
+
+
+def load_m3gnet(model_dir: str | os.PathLike) -> nn.Module:
+    """Load the M3GNet graph model (not the `Potential` wrapper) from a local matgl folder, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import matgl
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.json").exists():
+        raise XanesdiffInputError(
+            "not a matgl model folder (no model.json); expected e.g. "
+            "<assets>/models/M3GNet-MP-2021.2.8-PES", str(model_dir))
+    loaded = matgl.load_model(str(model_dir))
+    model = getattr(loaded, "model", loaded)
+    if not hasattr(model, "feature_dict") and not hasattr(model, "graph_layers"):
+        raise XanesdiffInputError(f"model is a {type(model).__name__}, expected M3GNet",
+                                  str(model_dir))
+    return model
+
+
+class M3GNetFeaturizer(nn.Module):
+    """Frozen (by default) M3GNet → per-atom features (N, F), differentiable in pos and cell.
+
+    Args:
+        model_dir: local matgl folder of an M3GNet potential.
+        layers: names of the layers whose node features are concatenated (see module doc).
+        trainable: if False (default) the backbone is frozen and always stays in eval mode.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, layers=DEFAULT_LAYERS, trainable: bool = False):
+        super().__init__()
+        self.model_dir = str(model_dir)
+        self.layers = tuple(layers)
+        self.m3gnet = load_m3gnet(model_dir)
+        self.trainable = bool(trainable)
+        self.cutoff_A = float(self.m3gnet.cutoff)
+        element_types = list(self.m3gnet.element_types)
+        from ase.data import atomic_numbers
+
+        lookup = torch.full((119,), -1, dtype=torch.long)
+        for index, symbol in enumerate(element_types):
+            lookup[atomic_numbers[symbol]] = index
+        self.register_buffer("_type_of_z", lookup, persistent=False)
+        known = {"embedding", "gc_1", "gc_2", "gc_3", "edge_gc_1", "edge_gc_2", "edge_gc_3"}
+        unknown = [name for name in self.layers if name not in known]
+        if unknown:
+            raise XanesdiffInputError(f"unknown M3GNet layer(s) {unknown}; choose from {sorted(known)}")
+        self.set_trainable(self.trainable)
+        self._feature_dim = int(self._probe().shape[1])
+
+    def config(self) -> dict:
+        """Config dict that rebuilds this featuriser (`build_featurizer`)."""
+        return {"type": "m3gnet", "backbone": getattr(self, "backbone", DEFAULT_BACKBONE),
+                "backbone_path": getattr(self, "backbone_path", None), "layers": list(self.layers),
+                "trainable": self.trainable}
+
+    @property
+    def cache_id(self) -> str:
+        return f"m3gnet|{Path(self.model_dir).name}|{','.join(self.layers)}"
+
+    # -- mode handling ---------------------------------------------------------------------
+    def set_trainable(self, trainable: bool) -> None:
+        self.trainable = bool(trainable)
+        for p in self.m3gnet.parameters():
+            p.requires_grad_(self.trainable)
+        self.m3gnet.train(self.trainable and self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # A frozen backbone stays in eval mode: a training-mode potential builds extra graphs.
+        self.m3gnet.train(mode and self.trainable)
+        return self
+
+    @property
+    def feature_dim(self) -> int:
+        """F, the width of the concatenated features."""
+        return self._feature_dim
+
+    @torch.no_grad()
+    def _probe(self) -> torch.Tensor:
+        """Features of a 2-atom diamond cell (to learn the feature width from the model itself)."""
+        a = 3.567
+        cell = torch.tensor([[0.0, a / 2, a / 2], [a / 2, 0.0, a / 2], [a / 2, a / 2, 0.0]])
+        pos = torch.tensor([[0.0, 0.0, 0.0], [a / 4, a / 4, a / 4]])
+        return self(pos, cell, torch.tensor([6, 6]))
+
+    # -- graph -----------------------------------------------------------------------------
+    def neighbor_graph(self, pos: torch.Tensor, cell: torch.Tensor):
+        """Edges within the backbone cutoff for the current (detached) geometry.
+
+        Returns edge_index (2,E) sorted by source atom and integer image shifts (E,3)."""
+        i, j, shifts, _ = periodic_neighbor_list(
+            pos.detach().cpu().double().numpy(), cell.detach().cpu().double().numpy(), self.cutoff_A)
+        edge_index = torch.from_numpy(np.stack([i, j])).to(pos.device)
+        return edge_index, torch.from_numpy(shifts).to(device=pos.device, dtype=pos.dtype)
+
+    def forward(self, pos: torch.Tensor, cell: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        """Per-atom features (N, F) for positions `pos` (N,3) Å, cell (3,3) Å, numbers (N,)."""
+        from types import SimpleNamespace
+
+        cell = cell.reshape(3, 3).to(pos.dtype)
+        numbers = torch.as_tensor(numbers, device=pos.device).long()
+        node_type = self._type_of_z.to(pos.device)[numbers]
+        if (node_type < 0).any():
+            bad = sorted(set(numbers[node_type < 0].tolist()))
+            raise XanesdiffInputError(f"atomic numbers {bad} are not covered by {self.model_dir}")
+        edge_index, shifts = self.neighbor_graph(pos, cell)
+        graph = SimpleNamespace(node_type=node_type, pos=pos, edge_index=edge_index,
+                                pbc_offshift=shifts @ cell, batch=None, num_graphs=1)
+        self.m3gnet(g=graph)
+        fd = self.m3gnet.feature_dict
+        parts = []
+        n_atoms = pos.shape[0]
+        for name in self.layers:
+            if name.startswith("edge_"):
+                edge_feat = fd[name[5:]]["edge_feat"]
+                summed = torch.zeros(n_atoms, edge_feat.shape[1], dtype=edge_feat.dtype,
+                                     device=edge_feat.device).index_add(0, edge_index[0], edge_feat)
+                count = torch.bincount(edge_index[0], minlength=n_atoms).clamp(min=1)
+                parts.append(summed / count.unsqueeze(1).to(edge_feat.dtype))
+            else:
+                parts.append(fd[name]["node_feat"])
+        self.m3gnet.feature_dict = {}  # do not keep the graph alive between calls
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def features_of_atoms(self, atoms) -> torch.Tensor:
+        """Features (N, F) float32 of an ASE `Atoms`, without gradients (for caching)."""
+        dtype = next(self.m3gnet.parameters()).dtype
+        pos = torch.tensor(atoms.positions, dtype=dtype)
+        cell = torch.tensor(atoms.cell.array, dtype=dtype)
+        return self(pos, cell, torch.tensor(atoms.numbers)).float()
+
+
+def featurizer_from_config(backbone: str = DEFAULT_BACKBONE, backbone_path: str | None = None,
+                           layers=DEFAULT_LAYERS, trainable: bool = False) -> M3GNetFeaturizer:
+    """Resolve the backbone folder (explicit path, else `$XANESDIFF_ASSETS`/cache) and load it."""
+    featurizer = M3GNetFeaturizer(resolve_asset(backbone, backbone_path), layers, trainable)
+    featurizer.backbone, featurizer.backbone_path = backbone, backbone_path
+    return featurizer
+
+
+class FeatureCache:
+    """Frozen-featuriser features per frame, in memory and optionally on disk (``.pt``).
+
+    Works with any featuriser that has `cache_id` (identity string) and `features_of_atoms`.
+
+    The key is the frame name plus a hash of positions/cell and the featuriser identity, so a
+    stale cache is never reused for a changed structure or a different layer choice.
+    """
+
+    def __init__(self, featurizer: nn.Module, cache_dir: str | os.PathLike | None = None):
+        self.featurizer = featurizer
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._memory: dict[str, torch.Tensor] = {}
+
+    def _key(self, atoms) -> str:
+        import hashlib
+
+        h = hashlib.sha1()
+        h.update(np.ascontiguousarray(atoms.positions, dtype=np.float64).tobytes())
+        h.update(np.ascontiguousarray(atoms.cell.array, dtype=np.float64).tobytes())
+        h.update(np.ascontiguousarray(atoms.numbers).tobytes())
+        h.update(self.featurizer.cache_id.encode())
+        return h.hexdigest()[:20]
+
+    def __call__(self, atoms) -> torch.Tensor:
+        key = self._key(atoms)
+        if key in self._memory:
+            return self._memory[key]
+        path = self.cache_dir / f"{key}.pt" if self.cache_dir else None
+        if path is not None and path.exists():
+            feats = torch.load(path)
+        else:
+            feats = self.featurizer.features_of_atoms(atoms)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save(feats, tmp)
+                os.replace(tmp, path)
+        self._memory[key] = feats
+        return feats
