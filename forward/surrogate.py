@@ -283,7 +283,8 @@ def train_surrogate(frames: list, grid: EnergyGrid, featurizer: dict | nn.Module
     train_cfg = HeadTrainConfig(**(train or {}))
     surrogate = build_surrogate(featurizer, head, grid, absorber,
                                 {"train": train_cfg.to_dict()})
-    task = SurrogateTask(surrogate, frames, train_cfg, frames_per_step=frames_per_step, cache=cache)
+    task = SurrogateTask(surrogate, frames, train_cfg, frames_per_step=frames_per_step, cache=cache,
+                         progress=progress)
     if not progress:
         quiet_lightning()
     options = dict(max_epochs=train_cfg.max_epochs, accelerator="cpu", devices=1, logger=False,

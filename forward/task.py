@@ -60,13 +60,15 @@ class SurrogateTask(L.LightningModule):
     """Fits `surrogate` on `frames` (each with `atoms` and `site_spectra`)."""
 
     def __init__(self, surrogate: Surrogate, frames: list, cfg: HeadTrainConfig,
-                 frames_per_step: int = 2, cache=None):
+                 frames_per_step: int = 2, cache=None,
+                 progress: bool = False):
         super().__init__()
         self.surrogate = surrogate
         self.frames = list(frames)
         self.cfg = cfg
         self.frames_per_step = int(frames_per_step)
         self.cache = cache
+        self.progress = bool(progress)
         self.end_to_end = featurizer_is_trainable(surrogate.featurizer)
         self.stop = StopRule(cfg)
         self._epoch_losses: list[float] = []
@@ -98,8 +100,7 @@ class SurrogateTask(L.LightningModule):
             try:
                 from tqdm import tqdm
 
-                frames = tqdm(frames, desc="features", leave=False,
-                              disable=len(frames) < 8 or logging.getLogger().level > logging.INFO)
+                frames = tqdm(frames, desc="features", leave=False, disable=not self.progress)
             except ImportError:
                 pass
             x = torch.cat([cache(f.atoms)[m] for f, m in zip(frames, masks)])

@@ -65,7 +65,7 @@ def run(cfg: DictConfig) -> dict:
          "excluded_networks": excluded, "n_frames": len(frames),
          "frames": [f.name for f in frames]})
     task = SurrogateTask(surrogate, frames, train_cfg, frames_per_step=int(cfg.frames_per_step),
-                         cache=cfg.feature_cache)
+                         cache=cfg.feature_cache, progress=bool(cfg.progress))
     out_dir = Path(cfg.out_dir)
     checkpointing = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=0, every_n_epochs=1)
