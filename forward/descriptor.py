@@ -1,9 +1,9 @@
 """Baseline featuriser: smooth radial + angular histograms per atom (no learned parameters).
 
 Radial: Gaussian-broadened neighbour counts at `n_radial` distances in [r_min_A, cutoff_A], each
-neighbour weighted by a cosine cutoff. Angular: for every shell cutoff in `angular_cutoffs_A`,
-Gaussian-broadened bond angles θ_jik (radians) of neighbour pairs, weighted by both bonds'
-cosine cutoffs. Everything is a smooth function of positions and cell (differentiable).
+neighbour weighted by a switch (1 up to cutoff − `taper_A`, cosine to 0 at the cutoff).
+Angular: for every shell cutoff in `angular_cutoffs_A`, Gaussian-broadened bond angles θ_jik
+(radians) of neighbour pairs, weighted by both bonds' switches. Everything is a smooth function of positions and cell (differentiable).
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ from xanesdiff.datasets.graph import periodic_neighbor_list
 def cosine_cutoff(r: torch.Tensor, cutoff: float) -> torch.Tensor:
     """0.5 (cos(π r / rc) + 1) inside rc, 0 outside: smooth to first order at rc."""
     return torch.where(r < cutoff, 0.5 * (torch.cos(math.pi * r / cutoff) + 1.0), torch.zeros_like(r))
+
+
+def switch_cutoff(r: torch.Tensor, r_on: float, r_off: float) -> torch.Tensor:
+    """1 below r_on, cosine taper to 0 at r_off, 0 beyond (smooth to first order)."""
+    x = ((r - r_on) / (r_off - r_on)).clamp(0.0, 1.0)
+    return 0.5 * (torch.cos(math.pi * x) + 1.0)
 
 
 def neighbour_pairs(src: torch.Tensor, n_atoms: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,12 +45,13 @@ class RadialAngularDescriptor(nn.Module):
 
     def __init__(self, cutoff_A: float = 5.0, r_min_A: float = 0.9, n_radial: int = 42,
                  radial_width_A: float = 0.1, angular_cutoffs_A=(1.95, 2.9), n_angular: int = 24,
-                 angular_width_rad: float = 0.12):
+                 angular_width_rad: float = 0.12, taper_A: float = 0.2):
         super().__init__()
         self.cutoff_A, self.r_min_A, self.n_radial = float(cutoff_A), float(r_min_A), int(n_radial)
         self.radial_width_A = float(radial_width_A)
         self.angular_cutoffs_A = tuple(float(c) for c in angular_cutoffs_A)
         self.n_angular, self.angular_width_rad = int(n_angular), float(angular_width_rad)
+        self.taper_A = float(taper_A)
         self.register_buffer("radial_centres_A", torch.linspace(r_min_A, cutoff_A, n_radial),
                              persistent=False)
         self.register_buffer("angular_centres_rad", torch.linspace(0.0, math.pi, n_angular),
@@ -54,7 +61,7 @@ class RadialAngularDescriptor(nn.Module):
         return {"type": "descriptor", "cutoff_A": self.cutoff_A, "r_min_A": self.r_min_A,
                 "n_radial": self.n_radial, "radial_width_A": self.radial_width_A,
                 "angular_cutoffs_A": list(self.angular_cutoffs_A), "n_angular": self.n_angular,
-                "angular_width_rad": self.angular_width_rad}
+                "angular_width_rad": self.angular_width_rad, "taper_A": self.taper_A}
 
     @property
     def feature_dim(self) -> int:
@@ -75,7 +82,7 @@ class RadialAngularDescriptor(nn.Module):
         centres = self.radial_centres_A.to(pos.dtype)
         gauss = torch.exp(-0.5 * ((r[:, None] - centres) / self.radial_width_A) ** 2)
         radial = torch.zeros(n, self.n_radial, dtype=pos.dtype).index_add(
-            0, src, gauss * cosine_cutoff(r, self.cutoff_A)[:, None])
+            0, src, gauss * switch_cutoff(r, self.cutoff_A - self.taper_A, self.cutoff_A)[:, None])
         parts = [radial]
         for rc in self.angular_cutoffs_A:
             inside = torch.nonzero(r < rc).squeeze(1)
@@ -83,7 +90,8 @@ class RadialAngularDescriptor(nn.Module):
             a, b = neighbour_pairs(s_src, n)
             cos = (s_vec[a] * s_vec[b]).sum(1) / (s_r[a] * s_r[b])
             theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
-            weight = cosine_cutoff(s_r[a], rc) * cosine_cutoff(s_r[b], rc)
+            weight = (switch_cutoff(s_r[a], rc - self.taper_A, rc)
+                      * switch_cutoff(s_r[b], rc - self.taper_A, rc))
             ang_c = self.angular_centres_rad.to(pos.dtype)
             g = torch.exp(-0.5 * ((theta[:, None] - ang_c) / self.angular_width_rad) ** 2)
             parts.append(torch.zeros(n, self.n_angular, dtype=pos.dtype).index_add(

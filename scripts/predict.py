@@ -28,14 +28,26 @@ def _quote(path: str) -> str:
     return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+_HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp",
+                           "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun",
+                           "--info", "-i"}
+
+
 def split_arguments(argv: list[str]) -> list[str]:
-    """Turn bare structure paths into one ``structures=[...]`` override; keep everything else."""
+    """Turn bare structure paths into one ``structures=[...]`` override; keep everything else
+    (``key=value`` overrides and hydra flags with their values)."""
     paths, rest = [], []
+    expect_value = False
     for arg in argv:
-        if arg.startswith("-") or ("=" in arg and not Path(arg).exists()):
+        if expect_value and not arg.startswith("-") and "=" not in arg:
             rest.append(arg)
+            expect_value = False
+        elif arg.startswith("-") or ("=" in arg and not Path(arg).exists()):
+            rest.append(arg)
+            expect_value = arg in _HYDRA_FLAGS_WITH_VALUE
         else:
             paths.append(arg)
+            expect_value = False
     if paths:
         rest.insert(0, "structures=[" + ",".join(_quote(p) for p in paths) + "]")
     return rest
