@@ -41,16 +41,16 @@ class DiffusionPrior:
                     t, batch: torch.Tensor | None = None) -> torch.Tensor:
         """Score (N,3) in 1/Å of a batch of cells: cell (B,3,3), batch (N,) mapping atoms to cells
         (contiguous). Differentiable w.r.t. `pos_A` when it requires grad."""
-        cell = torch.as_tensor(cell_A, dtype=pos_A.dtype).reshape(-1, 3, 3)
+        dtype = self.dtype  # computed in the model's dtype, returned in the positions' dtype
+        pos = pos_A.to(dtype)
+        cell = torch.as_tensor(cell_A).to(dtype).reshape(-1, 3, 3)
         numbers = torch.as_tensor(numbers, dtype=torch.long)
         if batch is None:
-            batch = torch.zeros(pos_A.shape[0], dtype=torch.long)
-        edge_index, edge_shift = self.neighbors.get(pos_A, cell, batch)
-        sigma = self.schedule.sigma(torch.as_tensor(t, dtype=pos_A.dtype))
-        if self.dtype != pos_A.dtype:
-            raise TypeError(f"positions are {pos_A.dtype} but the prior is {self.dtype}; "
-                            "convert one (prior.to(dtype))")
-        return self.score_model(pos_A, cell, numbers, sigma, edge_index, edge_shift, batch)
+            batch = torch.zeros(pos.shape[0], dtype=torch.long)
+        edge_index, edge_shift = self.neighbors.get(pos, cell, batch)
+        sigma = self.schedule.sigma(torch.as_tensor(t, dtype=dtype))
+        out = self.score_model(pos, cell, numbers, sigma, edge_index, edge_shift, batch)
+        return out.to(pos_A.dtype)
 
     def score(self, pos_A: torch.Tensor, cell_A: torch.Tensor, numbers, t) -> torch.Tensor:
         """Score ∇ log p_t(x) (N,3) in 1/Å for one cell: pos (N,3) Å, cell (3,3) Å, t ∈ (0, 1]."""

@@ -171,3 +171,15 @@ def test_time_grid_runs_from_start_to_end_and_concentrates_at_low_noise():
         assert len(grid) == 11 and abs(grid[0] - 1.0) < 1e-12 and abs(grid[-1] - 0.01) < 1e-12
         assert all(a > b for a, b in zip(grid[:-1], grid[1:]))
     assert dense[-2] - dense[-1] < uniform[-2] - uniform[-1]
+
+
+def test_score_accepts_float64_positions_and_numpy_inputs(tiny_prior):
+    cell = cubic_cell_for_density(20, 2.0)
+    pos = tiny_prior.schedule.prior_sampling(20, torch.as_tensor(cell), torch.Generator().manual_seed(0),
+                                             torch.float64).requires_grad_(True)
+    s64 = tiny_prior.score(pos, cell, np.full(20, 6), 0.4)
+    assert s64.dtype == torch.float64
+    s32 = tiny_prior.score(pos.detach().float(), torch.as_tensor(cell), torch.full((20,), 6), 0.4)
+    assert torch.allclose(s64.detach().float(), s32, atol=1e-5)
+    s64.sum().backward()
+    assert pos.grad is not None and torch.isfinite(pos.grad).all()
