@@ -33,10 +33,14 @@ def find_shards(db: str, n_shards: int | None = None) -> list[str]:
         if match:
             found.setdefault(int(match.group(2)), {})[int(match.group(1))] = candidate
     if n_shards is None:
-        if len(found) != 1:
+        if not found:
             raise XanesdiffInputError(
-                f"found shard sets for n_shards {sorted(found) or 'none'} beside it; give "
-                "n_shards=N or inputs=[…]", db)
+                f"no shard databases ({path.stem}_shard<i>of<n>{path.suffix}) beside it; run "
+                "`xanesdiff library shard_index=… n_shards=…` first, or give inputs=[…]", db)
+        if len(found) > 1:
+            raise XanesdiffInputError(
+                f"shard sets for n_shards {sorted(found)} beside it; choose one with n_shards=N",
+                db)
         n_shards = next(iter(found))
     shards = found.get(int(n_shards), {})
     missing = [i for i in range(int(n_shards)) if i not in shards]

@@ -147,6 +147,18 @@ def test_plan_expansion_keys_shards_and_errors(tmp_path, target_file):
     assert shard_db_url("runs/x/lib.db", 1, 3) == "runs/x/lib_shard1of3.db"
     assert shard_db_url("postgresql://h/db", 1, 3) == "postgresql://h/db"
 
+    # a plan file (paths relative to it) expands like the same plan given inline
+    from xanesdiff.library.runner import plan_items
+
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "plans" / "target.txt").write_bytes(target_file.read_bytes())
+    (tmp_path / "plans" / "plan.yaml").write_text(
+        "plan:\n  targets: [target.txt, null]\n  densities: [2.0, 2.5]\n"
+        "  steers: [pi_star_up, [pi_star_down, pi_sigma_ratio]]\n  n_atoms: [24]\n"
+        "  seeds: [3, 1]\n")
+    from_file = plan_items(compose("library", [f"plan_file={tmp_path / 'plans' / 'plan.yaml'}"]))
+    assert [i.key for i in from_file] == [i.key for i in items]
+
     bad = [({**plan, "steers": ["no_such_steer"]}, "no steer named 'no_such_steer'"),
            ({**plan, "targets": [str(tmp_path / "missing.csv")]}, "does not exist"),
            ({**plan, "seeds": None, "n_seeds": 0}, "expands to no items"),
