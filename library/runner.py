@@ -117,8 +117,8 @@ def generate_item(item: PlanItem, ctx: _Context) -> tuple[object, dict, dict]:
     """Generate and validate one item: (atoms, key-value pairs, data). Does not filter."""
     from hydra.utils import instantiate
 
-    import xanesdiff
-    from xanesdiff.analysis.structure import hybridization_fractions, minimum_distance
+    from xanesdiff.analysis.structure import (density_g_cm3, hybridization_fractions,
+                                              minimum_distance)
     from xanesdiff.guidance.pipeline import GuidedGenerator
     from xanesdiff.guidance.validation import relax, validate_spectrum
     from xanesdiff.scripts.generate import _set_relative_references
@@ -151,8 +151,6 @@ def generate_item(item: PlanItem, ctx: _Context) -> tuple[object, dict, dict]:
             metrics[name] = float(value)
     metrics.update(hybridization_fractions(atoms))
     metrics["min_distance_A"] = minimum_distance(atoms)
-    from xanesdiff.analysis.structure import density_g_cm3
-
     metrics["density_g_cm3"] = density_g_cm3(atoms)
     if cfg.validation.relax:
         if ctx.potential is None:
@@ -185,14 +183,18 @@ def generate_item(item: PlanItem, ctx: _Context) -> tuple[object, dict, dict]:
         "versions": _versions(),
         "generation": gen_log,
     })
-    kvp = {
-        "item_index": item.index, "target": item.target_name,
-        "target_sha256": f"sha256:{item.target_sha256}" if item.target_sha256 else "none",
-        "seed": item.seed, "n_atoms": item.n_atoms, "steer": item.steer_name,
-        "settings_id": ctx.settings_id, "xanesdiff_version": xanesdiff.__version__,
-        **_model_kvp(models.provenance), **metrics,
-    }
-    return atoms, kvp, data
+    return atoms, {**_item_kvp(item, ctx), **metrics}, data
+
+
+def _item_kvp(item: PlanItem, ctx: _Context) -> dict:
+    """Searchable provenance of a row (metrics are added by the caller)."""
+    import xanesdiff
+
+    return {"item_index": item.index, "target": item.target_name,
+            "target_sha256": f"sha256:{item.target_sha256}" if item.target_sha256 else "none",
+            "seed": item.seed, "n_atoms": item.n_atoms, "steer": item.steer_name,
+            "density_g_cm3": item.density_g_cm3, "settings_id": ctx.settings_id,
+            "xanesdiff_version": xanesdiff.__version__, **_model_kvp(ctx.models.provenance)}
 
 
 def _jsonable(value):
@@ -244,17 +246,12 @@ def _versions() -> dict:
 
 def _failed_item(item: PlanItem, ctx: _Context, exc: Exception) -> tuple[object, dict, dict]:
     """A row for an item whose sampling diverged: rejected, so a rerun does not retry it."""
-    import xanesdiff
     from ase import Atoms
 
     from xanesdiff.diffusion.sampling import cubic_cell_for_density
 
     atoms = Atoms(cell=cubic_cell_for_density(item.n_atoms, item.density_g_cm3), pbc=True)
-    kvp = {"item_index": item.index, "target": item.target_name,
-           "target_sha256": f"sha256:{item.target_sha256}" if item.target_sha256 else "none",
-           "seed": item.seed, "n_atoms": item.n_atoms, "steer": item.steer_name,
-           "density_g_cm3": item.density_g_cm3, "settings_id": ctx.settings_id,
-           "xanesdiff_version": xanesdiff.__version__, **_model_kvp(ctx.models.provenance)}
+    kvp = _item_kvp(item, ctx)
     data = {"provenance": _jsonable({
         "item": {**item.content(), "index": item.index, "key": item.key,
                  "target_path": item.target},

@@ -426,3 +426,27 @@ def test_export_extxyz_poscars_and_site_spectra(tmp_path, reference):
     summary = run(compose("library", reference["args"] + ["mode=summary"]))
     assert summary["planned"] == summary["done"] == len(reference["keys"])
     assert summary["missing"] == 0
+
+
+def test_diverged_sampling_is_recorded_and_not_retried(tmp_path, target_file, monkeypatch):
+    from xanesdiff.diffusion.samplers import NonFiniteSampleError
+    from xanesdiff.guidance.pipeline import GuidedGenerator
+
+    original = GuidedGenerator.generate
+
+    def diverge_on_seed_1(self, density_g_cm3, seed, guided=True, cell_A=None):
+        if seed == 1 and guided:
+            raise NonFiniteSampleError("non-finite positions for 3 atoms at t=0.2")
+        return original(self, density_g_cm3, seed, guided, cell_A)
+
+    monkeypatch.setattr(GuidedGenerator, "generate", diverge_on_seed_1)
+    args = overrides(tmp_path / "lib", target_file, **{"plan.densities": "[2.5]",
+                                                      "plan.n_seeds": 2})
+    summary = build(args)
+    rows = {r.seed: r for r in rows_by_key(tmp_path / "lib" / "library.db").values()}
+    assert summary["done"] == 2 and rows[0].status == "accepted"
+    assert rows[1].status == "rejected" and rows[1].natoms == 0
+    assert rows[1].reason.startswith("sampling failed: non-finite positions")
+    assert "NonFiniteSampleError" in rows[1].data["provenance"]["error"]
+    monkeypatch.setattr(GuidedGenerator, "generate", original)
+    assert build(args)["generated_now"] == {"accepted": 0, "rejected": 0}
