@@ -10,8 +10,9 @@ class GuidedScore:
 
     g_k are the terms' contributions with respect to x̂0. With `through_denoiser` the sum is
     carried back to x_t by one vector–Jacobian product through the score model (exact DPS);
-    without, J ≈ I (cheaper). `max_ratio` caps the guidance RMS at that multiple of the prior
-    score's RMS per step, which keeps networks physical when the likelihood is steep.
+    without, J ≈ I (cheaper). `max_ratio` caps each term's RMS at that multiple of the prior
+    score's RMS, per term, so a steep likelihood neither tears the network apart nor drowns the
+    other terms (a steer next to a spectrum target keeps its share).
     """
 
     def __init__(self, prior, cell_A: torch.Tensor, numbers: torch.Tensor, terms: list,
@@ -33,22 +34,27 @@ class GuidedScore:
         with torch.set_grad_enabled(self.through_denoiser):
             prior_score = self.prior.score(x_t, self.cell, self.numbers, t)
             x0 = x_t + sigma_sq * prior_score
+        prior_rms = _rms(prior_score.detach()).clamp_min(1e-12)
         contribution = torch.zeros_like(pos_A)
         log = {"t": t}
         for term in active:
             g, term_log = term(x_t, x0.detach(), self.cell, self.numbers, t)
+            ratio = float(_rms(g) / prior_rms)
+            if self.max_ratio is not None and ratio > self.max_ratio:
+                g = g * (self.max_ratio / ratio)
             contribution = contribution + g
             log.update({f"{term.name}/{k}": v for k, v in term_log.items()})
+            log[f"{term.name}/to_prior_rms"] = ratio
         if self.through_denoiser:
             (contribution,) = torch.autograd.grad(x0, x_t, grad_outputs=contribution)
-        prior_score = prior_score.detach()
-        ratio = float(contribution.pow(2).mean().sqrt() / prior_score.pow(2).mean().sqrt().clamp_min(1e-12))
-        if self.max_ratio is not None and ratio > self.max_ratio:
-            contribution = contribution * (self.max_ratio / ratio)
-        log["guidance_to_prior_rms"] = ratio
+        log["guidance_to_prior_rms"] = float(_rms(contribution) / prior_rms)
         self.history.append(log)
-        return prior_score + contribution
+        return prior_score.detach() + contribution
 
     def denoised(self, pos_A: torch.Tensor, t: float) -> torch.Tensor:
         with torch.no_grad():
             return self.prior.denoise(pos_A, self.cell, self.numbers, t)
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).mean().sqrt()

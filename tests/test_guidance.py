@@ -101,13 +101,35 @@ def test_guidance_ratio_cap_and_inactive_times():
     target = torch.zeros(TOY_GRID.n_points, dtype=torch.float64)
     term = SpectrumLikelihood(surrogate, target, sigma_obs=1e-3,
                               schedule=TimeWindow(strength=1.0, t_max=0.5))
-    guided = GuidedScore(prior, cell, numbers, [term], max_ratio=0.5)
+    guided = GuidedScore(prior, cell, numbers, [term], through_denoiser=False, max_ratio=0.5)
     prior_score = prior.score(pos, cell, numbers, 0.3).detach()
     extra = guided(pos, 0.3) - prior_score
     ratio = extra.pow(2).mean().sqrt() / prior_score.pow(2).mean().sqrt()
-    assert guided.history[-1]["guidance_to_prior_rms"] > 0.5
+    assert guided.history[-1]["spectrum/to_prior_rms"] > 0.5
     assert float(ratio) == pytest.approx(0.5, rel=1e-6)
     torch.testing.assert_close(guided(pos, 0.9), prior.score(pos, cell, numbers, 0.9))
+
+
+def test_each_term_is_capped_separately():
+    """A steep spectrum term cannot drown a gentle steer: each is capped on its own."""
+    prior = tiny_prior()
+    surrogate = ToySurrogate()
+    pos, cell, numbers = random_carbon(20, seed=5)
+    steep = SpectrumLikelihood(surrogate, torch.zeros(TOY_GRID.n_points, dtype=torch.float64),
+                               sigma_obs=1e-4)
+    gentle = SpectralFeature("intensity", (284.5, 286.5), relation="ge", value=1e3,
+                             tolerance=1e3, surrogate=surrogate)
+    both = GuidedScore(prior, cell, numbers, [steep, gentle], through_denoiser=False,
+                       max_ratio=1.0)
+    only_steep = GuidedScore(prior, cell, numbers, [steep], through_denoiser=False, max_ratio=1.0)
+    only_gentle = GuidedScore(prior, cell, numbers, [gentle], through_denoiser=False,
+                              max_ratio=1.0)
+    prior_score = prior.score(pos, cell, numbers, 0.3)
+    total = both(pos, 0.3) - prior_score
+    torch.testing.assert_close(total, (only_steep(pos, 0.3) - prior_score)
+                               + (only_gentle(pos, 0.3) - prior_score))
+    assert both.history[-1]["spectrum/to_prior_rms"] > 1.0
+    assert 0 < both.history[-1]["feature/to_prior_rms"] < 1.0
 
 
 def test_guided_sampling_moves_feature_toward_target():
