@@ -118,7 +118,7 @@ def _steer_tuple(steer) -> tuple[str, ...]:
 
 
 def _density(value) -> float:
-    from xanesdiff.scripts.generate import check_density
+    from xanesdiff.guidance.request import check_density
 
     if value is None:
         raise XanesdiffInputError(

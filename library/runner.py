@@ -106,7 +106,7 @@ def _steer_specs(item: PlanItem) -> dict:
 
 def build_terms_for(cfg, item: PlanItem) -> list:
     """The item's guidance terms, built exactly as `xanesdiff generate` builds them."""
-    from xanesdiff.scripts.generate import build_terms
+    from xanesdiff.guidance.request import build_terms
 
     spec = OmegaConf.create({"guidance": cfg.guidance, "steer": list(item.steer) or None,
                              "target": item.target})
@@ -121,7 +121,7 @@ def generate_item(item: PlanItem, ctx: _Context) -> tuple[object, dict, dict]:
                                               minimum_distance)
     from xanesdiff.guidance.pipeline import GuidedGenerator
     from xanesdiff.guidance.validation import relax, validate_spectrum
-    from xanesdiff.scripts.generate import _set_relative_references
+    from xanesdiff.guidance.request import set_relative_references
 
     cfg, models = ctx.cfg, ctx.models
     seed_everything(item)
@@ -135,7 +135,7 @@ def generate_item(item: PlanItem, ctx: _Context) -> tuple[object, dict, dict]:
                                 n_atoms=item.n_atoms,
                                 through_denoiser=cfg.guided_score.through_denoiser,
                                 max_ratio=cfg.guided_score.max_ratio)
-    _set_relative_references(terms, generator, target, item.density_g_cm3, item.seed)
+    set_relative_references(terms, generator, target, item.density_g_cm3, item.seed)
     atoms, gen_log = generator.generate(item.density_g_cm3, item.seed)
 
     metrics: dict = {"guided_steps": gen_log["guided_steps"],

@@ -16,34 +16,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from xanesdiff.datasets.errors import XanesdiffInputError
+from xanesdiff.guidance.request import build_terms, check_density, set_relative_references
 from xanesdiff.scripts._hydra import hydra_app, set_threads
 
 log = logging.getLogger("xanesdiff.generate")
-
-DENSITY_HARD_BOUNDS_G_CM3 = (0.5, 4.0)
-"""Beyond these a carbon network is unphysical (diamond is 3.51 g/cm³): refused."""
-
-
-def build_terms(cfg: DictConfig) -> list:
-    """Instantiate the configured guidance terms, plus the `steer` term if named."""
-    from hydra.utils import instantiate
-
-    specs = dict(cfg.guidance or {})
-    if cfg.steer:
-        for name in [cfg.steer] if isinstance(cfg.steer, str) else list(cfg.steer):
-            path = Path(__file__).resolve().parents[1] / "configs" / "guidance" / f"{name}.yaml"
-            if not path.exists():
-                available = sorted(p.stem for p in path.parent.glob("*.yaml"))
-                raise XanesdiffInputError(f"no steer named {name!r}; available: {available}",
-                                          "steer")
-            specs[name] = OmegaConf.load(path)
-    if cfg.target is None:
-        specs.pop("spectrum", None)
-    if not specs:
-        raise XanesdiffInputError("nothing to guide on: give target=FILE and/or steer=NAME",
-                                  "generate")
-    return [instantiate(spec, _convert_="all") for spec in specs.values()]
-
 
 def request_fingerprint(cfg: DictConfig) -> str:
     """Hash of everything that changes what would be generated (not `n`: more can be added)."""
@@ -71,25 +47,9 @@ def check_out_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
     atomic_write_text(marker, json.dumps({"fingerprint": fingerprint}) + "\n")
 
 
-def check_density(density):
-    if density is None:
-        return None
-    density = float(density)
-    lo, hi = DENSITY_HARD_BOUNDS_G_CM3
-    if not lo <= density <= hi:
-        raise XanesdiffInputError(
-            f"density {density} g/cm³ is outside {lo}–{hi} g/cm³, where carbon networks exist "
-            "(the models are trained on 1.5–3.5)", "density")
-    if not 1.5 <= density <= 3.5:
-        log.warning("density %.2f g/cm³ is outside the trained range 1.5–3.5: extrapolation",
-                    density)
-    return density
-
-
 def run(cfg: DictConfig) -> dict:
     """Generate, validate and report; returns the report dict."""
     import ase.io
-    import torch
     from tqdm import tqdm
 
     from xanesdiff.analysis.plots import plot_structure_report
@@ -148,7 +108,7 @@ def run(cfg: DictConfig) -> dict:
     else:
         report["density"] = {"given_g_cm3": density}
 
-    _set_relative_references(terms, generator, target, density, int(cfg.seed))
+    set_relative_references(terms, generator, target, density, int(cfg.seed))
 
     potential = load_potential() if cfg.validation.relax else None
     frames = []
@@ -224,25 +184,6 @@ def _spectral_info(atoms, target, surrogate, judge, validate_spectrum) -> dict:
     if judge is not None:
         info.update(validate_spectrum(atoms, spectrum, judge, prefix="judge_"))
     return info
-
-
-def _set_relative_references(terms, generator, target, density, seed) -> None:
-    """Relative feature targets (e.g. +20% π*) refer to the target spectrum when there is one,
-    else to an unguided structure's prediction at the same density and seed."""
-    import torch
-
-    from xanesdiff.guidance.validation import predict_members
-
-    relative = [t for t in terms if getattr(t, "relative", None) is not None]
-    if not relative:
-        return
-    if target is not None:
-        reference = target.spectrum
-    else:
-        atoms, _ = generator.generate(density, seed, guided=False)
-        reference = predict_members(generator.surrogate, atoms).mean(0)
-    for term in relative:
-        term.set_reference(torch.as_tensor(reference, dtype=torch.float32))
 
 
 def _training_reference(density: float):

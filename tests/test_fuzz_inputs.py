@@ -167,7 +167,7 @@ def test_malformed_input_gives_a_specific_error(tmp_path, surrogate, family, kin
 @pytest.mark.parametrize("density,expected", [(0.1, "outside"), (5.0, "outside"),
                                               (-1.0, "outside")])
 def test_generation_request_density_bounds(density, expected):
-    from xanesdiff.scripts.generate import check_density
+    from xanesdiff.guidance.request import check_density
 
     with pytest.raises(XanesdiffInputError, match=expected):
         check_density(density)

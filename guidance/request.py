@@ -1,0 +1,74 @@
+"""A generation request (hydra config) turned into guidance terms, with its checks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from xanesdiff.datasets.errors import XanesdiffInputError
+
+log = logging.getLogger("xanesdiff.generate")
+
+GUIDANCE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "guidance"
+"""One YAML per guidance term; `steer=NAME` adds configs/guidance/NAME.yaml."""
+
+DENSITY_HARD_BOUNDS_G_CM3 = (0.5, 4.0)
+"""Beyond these a carbon network is unphysical (diamond is 3.51 g/cm³): refused."""
+
+
+def build_terms(cfg: DictConfig) -> list:
+    """Instantiate the configured guidance terms, plus the `steer` term if named."""
+    from hydra.utils import instantiate
+
+    specs = dict(cfg.guidance or {})
+    if cfg.steer:
+        for name in [cfg.steer] if isinstance(cfg.steer, str) else list(cfg.steer):
+            path = GUIDANCE_CONFIGS / f"{name}.yaml"
+            if not path.exists():
+                available = sorted(p.stem for p in path.parent.glob("*.yaml"))
+                raise XanesdiffInputError(f"no steer named {name!r}; available: {available}",
+                                          "steer")
+            specs[name] = OmegaConf.load(path)
+    if cfg.target is None:
+        specs.pop("spectrum", None)
+    if not specs:
+        raise XanesdiffInputError("nothing to guide on: give target=FILE and/or steer=NAME",
+                                  "generate")
+    return [instantiate(spec, _convert_="all") for spec in specs.values()]
+
+
+def check_density(density) -> float | None:
+    """The requested density (g/cm³): refused outside hard bounds, warned outside training."""
+    if density is None:
+        return None
+    density = float(density)
+    lo, hi = DENSITY_HARD_BOUNDS_G_CM3
+    if not lo <= density <= hi:
+        raise XanesdiffInputError(
+            f"density {density} g/cm³ is outside {lo}–{hi} g/cm³, where carbon networks exist "
+            "(the models are trained on 1.5–3.5)", "density")
+    if not 1.5 <= density <= 3.5:
+        log.warning("density %.2f g/cm³ is outside the trained range 1.5–3.5: extrapolation",
+                    density)
+    return density
+
+
+def set_relative_references(terms, generator, target, density, seed) -> None:
+    """Relative feature targets (e.g. +20% π*) refer to the target spectrum when there is one,
+    else to an unguided structure's prediction at the same density and seed."""
+    import torch
+
+    from xanesdiff.guidance.validation import predict_members
+
+    relative = [t for t in terms if getattr(t, "relative", None) is not None]
+    if not relative:
+        return
+    if target is not None:
+        reference = target.spectrum
+    else:
+        atoms, _ = generator.generate(density, seed, guided=False)
+        reference = predict_members(generator.surrogate, atoms).mean(0)
+    for term in relative:
+        term.set_reference(torch.as_tensor(reference, dtype=torch.float32))
