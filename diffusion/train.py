@@ -27,13 +27,15 @@ from xanesdiff.diffusion.schedule import VESchedule
 class NoisedStructureDataset(Dataset):
     """`length` random draws: (random cell, t, noised positions, graph, displacement target).
 
-    t ~ U(t_min, 1) with probability 1 − extra_noise_fraction, else U(1, t_max_train): the extra
-    levels (σ > k) teach the model to pull near-uniform configurations into a network.
+    t = t_min + (1 − t_min)·u^t_power, u ~ U(0, 1), with probability 1 − extra_noise_fraction,
+    else t ~ U(1, t_max_train): the extra levels (σ > k) show the model near-uniform
+    configurations. t_power > 1 puts more draws at the intermediate noise where the network's
+    topology forms (at σ ≳ 0.6 Å the denoising loss stays near its no-information value).
     """
 
     def __init__(self, structures: list, schedule: VESchedule, cutoff_A: float,
                  length: int = 1000, t_min: float = 0.01, t_max_train: float = 2.0,
-                 extra_noise_fraction: float = 0.2, seed: int = 0):
+                 extra_noise_fraction: float = 0.2, seed: int = 0, t_power: float = 1.0):
         if not structures:
             raise ValueError("no training structures")
         self.items = [(torch.tensor(a.positions, dtype=torch.float32),
@@ -42,6 +44,7 @@ class NoisedStructureDataset(Dataset):
         self.schedule, self.cutoff_A, self.length = schedule, float(cutoff_A), int(length)
         self.t_min, self.t_max_train = float(t_min), float(t_max_train)
         self.extra_noise_fraction = float(extra_noise_fraction)
+        self.t_power = float(t_power)
         self.seed = seed
         self.epoch = 0
 
@@ -54,7 +57,7 @@ class NoisedStructureDataset(Dataset):
         if rng.random() < self.extra_noise_fraction and self.t_max_train > 1.0:
             t = rng.uniform(1.0, self.t_max_train)
         else:
-            t = rng.uniform(self.t_min, 1.0)
+            t = self.t_min + (1.0 - self.t_min) * rng.random() ** self.t_power
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         pos_t, disp = self.schedule.marginal_sample(pos0, cell, torch.tensor(t), generator=gen)
         sigma = torch.full((pos0.shape[0],), float(self.schedule.sigma(t)))

@@ -55,7 +55,8 @@ def run(cfg: DictConfig) -> dict:
     dataset = NoisedStructureDataset(structures, schedule, score_model.cutoff_A,
                                      length=tr.steps_per_epoch * tr.batch_size, t_min=tr.t_min,
                                      t_max_train=tr.t_max_train,
-                                     extra_noise_fraction=tr.extra_noise_fraction, seed=tr.seed)
+                                     extra_noise_fraction=tr.extra_noise_fraction, seed=tr.seed,
+                                     t_power=tr.get("t_power", 1.0))
     loader = DataLoader(dataset, batch_size=tr.batch_size, shuffle=False, num_workers=0)
     module = PriorModule(score_model, schedule, lr=tr.lr, ema_decay=tr.ema_decay,
                          warmup_steps=tr.warmup_steps, total_steps=tr.max_steps,
