@@ -140,3 +140,22 @@ def test_dsm_loss_is_zero_for_the_exact_score_and_three_for_zero():
     exact = -disp / sigma[:, None] ** 2
     assert float(dsm_loss(exact, disp, sigma)) < 1e-20
     assert abs(float(dsm_loss(torch.zeros_like(disp), disp, sigma)) - 3.0) < 0.4
+
+
+def test_noised_dataset_draws_noise_levels_in_range_and_targets_match_positions(a_c_dataset):
+    from xanesdiff.diffusion.train import NoisedStructureDataset
+
+    structures = [f.atoms for f in a_c_dataset.frames[:3]]
+    sched = VESchedule(0.8)
+    data = NoisedStructureDataset(structures, sched, cutoff_A=3.0, length=40, t_min=0.05,
+                                  t_max_train=2.0, extra_noise_fraction=0.25, t_power=1.5)
+    sigmas = torch.stack([data[i].sigma[0] for i in range(40)])
+    assert (sigmas >= 0.8 * 0.05 - 1e-6).all() and (sigmas <= 1.6 + 1e-6).all()
+    assert 0 < int((sigmas > 0.8).sum()) < 40
+    item = data[0]
+    # x_t − displacement is a clean training structure (modulo the cell)
+    clean = wrap_positions(item.pos - item.displacement, item.cell)
+    originals = [torch.tensor(a.positions, dtype=torch.float32) for a in structures]
+    assert any(float(minimum_image(clean - wrap_positions(o, item.cell), item.cell).abs().max())
+               < 1e-3 for o in originals if o.shape == clean.shape)
+    assert data[5].edge_index.shape[1] > 0
