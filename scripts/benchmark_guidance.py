@@ -1,0 +1,159 @@
+"""Benchmark of spectrum-guided generation (issue 5) → benchmarks/guidance.json.
+
+    python -m xanesdiff.scripts.benchmark_guidance [--n-samples 2] [--out benchmarks/guidance.json]
+
+Targets: for each held-out interior density (2.0, 2.5, 3.0) the *simulated* mean spectrum of
+one frame of that network. The guidance surrogate (M3GNet-MP features, seed 0) and the judge
+(M3GNet-MatPES features, seed 1) are both trained here without that network; the prior is the
+shipped one trained without that density when it exists (`checkpoints/prior_without_D.pt`,
+reported as `prior_held_out: true`), else the default prior (`false`: the prior has seen the
+network, only the surrogates have not). The density is not given: it is inferred.
+
+Steering: at 2.5 g/cm³ with the shipped models, structures generated with `pi_star_up`
+(π* window intensity ≥ 1.2× the unguided structure's) against unguided structures of the same
+seeds, judged by the shipped judge surrogate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import xanesdiff
+from xanesdiff.analysis.structure import hybridization_fractions
+from xanesdiff.datasets.dataset import load_dataset
+from xanesdiff.datasets.splits import leave_one_density_out
+from xanesdiff.diffusion.prior import load_prior
+from xanesdiff.diffusion.samplers import RestartSampler
+from xanesdiff.forward.surrogate import load_surrogate, train_surrogate
+from xanesdiff.guidance.base import TimeWindow
+from xanesdiff.guidance.features import SpectralFeature
+from xanesdiff.guidance.pipeline import DensitySearch, GuidedGenerator
+from xanesdiff.guidance.report import write_json
+from xanesdiff.guidance.spectrum import SpectrumLikelihood
+from xanesdiff.guidance.validation import predict_members, spectral_match
+
+CHECKPOINTS = xanesdiff.PACKAGE_ROOT / "checkpoints"
+GUIDE_FEATURIZER = {"type": "m3gnet", "backbone": "models/M3GNet-MP-2021.2.8-PES",
+                    "layers": ["gc_1", "gc_2", "gc_3"]}
+JUDGE_FEATURIZER = {"type": "m3gnet", "backbone": "models/M3GNet-MatPES-PBE-v2025.1-PES",
+                    "layers": ["gc_1", "gc_2", "gc_3"]}
+PI_STAR_WINDOW_eV = (284.2, 286.6)
+
+
+def make_sampler(schedule, quick: bool):
+    if quick:
+        return RestartSampler(schedule, n_steps=8, n_restarts=1, t_restart=0.3,
+                              n_restart_steps=4, final_corrector_steps=1)
+    return RestartSampler(schedule, n_steps=100, n_restarts=2, t_restart=0.3,
+                          n_restart_steps=30, final_corrector_steps=5)
+
+
+def prior_for(density: float):
+    path = CHECKPOINTS / f"prior_without_{density:g}.pt"
+    if path.exists():
+        return load_prior(path), True, path.name
+    return load_prior(), False, "prior_default.pt"
+
+
+def judged_spectrum(judge, frames) -> np.ndarray:
+    return np.mean([predict_members(judge, a).mean(0) for a in frames], axis=0)
+
+
+def held_out_target(dataset, density: float, args) -> dict:
+    split = leave_one_density_out(dataset, density)
+    guide = train_surrogate(split.train, dataset.grid, GUIDE_FEATURIZER, {"seed": 0})
+    judge = train_surrogate(split.train, dataset.grid, JUDGE_FEATURIZER, {"seed": 1})
+    prior, prior_held_out, prior_name = prior_for(density)
+    target = split.test[0].mean_spectrum.astype(np.float64)
+    term = SpectrumLikelihood(guide, target, schedule=TimeWindow(1.0, 0.0, 0.6, 0.2))
+    generator = GuidedGenerator(prior, guide, [term], make_sampler(prior.schedule, args.quick),
+                                max_ratio=args.max_ratio)
+    search = DensitySearch(n_per_density=1, guided=False)
+    if args.quick:
+        search.coarse_g_cm3 = (2.0, 3.0)
+    start = time.perf_counter()
+    inferred, scan = search.run(generator, target)
+    frames = [generator.generate(inferred, seed)[0] for seed in range(args.n_samples)]
+    judged = judged_spectrum(judge, frames)
+    generated = hybridization_fractions(frames)
+    true = hybridization_fractions([f.atoms for f in split.test])
+    guide_pred = np.mean([predict_members(guide, a).mean(0) for a in frames], axis=0)
+    return {"held_out_density": round(float(np.mean([f.density_g_cm3 for f in split.test])), 3),
+            "inferred_density": inferred, "density_scan": scan,
+            "sp3": generated["sp3"], "sp3_true": true["sp3"],
+            "sp3_err": abs(generated["sp3"] - true["sp3"]), "cn1": generated["cn1"],
+            "judged_mae": spectral_match(judged, target)["mae"],
+            "judged_spearman": spectral_match(judged, target)["spearman"],
+            "guide_mae": spectral_match(guide_pred, target)["mae"],
+            "prior": prior_name, "prior_held_out": prior_held_out,
+            "target_frame": split.test[0].name, "n_samples": len(frames),
+            "wall_s": time.perf_counter() - start}
+
+
+def steering(args) -> dict:
+    prior = load_prior()
+    surrogate = load_surrogate()
+    judge = load_surrogate(CHECKPOINTS / "forward_judge.pt")
+    term = SpectralFeature("intensity", PI_STAR_WINDOW_eV, relation="ge", relative=1.2,
+                           tolerance=0.05, surrogate=surrogate,
+                           schedule=TimeWindow(1.0, 0.0, 0.6, 0.2), name="pi_star_up")
+    generator = GuidedGenerator(prior, surrogate, [term], make_sampler(prior.schedule, args.quick),
+                                max_ratio=args.max_ratio)
+    measure = SpectralFeature("intensity", PI_STAR_WINDOW_eV, value=0.0, surrogate=judge)
+    plain, steered = [], []
+    for seed in range(args.n_samples):
+        atoms, _ = generator.generate(args.steer_density, seed, guided=False)
+        term.set_reference(torch.as_tensor(predict_members(surrogate, atoms).mean(0)))
+        plain.append(atoms)
+        steered.append(generator.generate(args.steer_density, seed, guided=True)[0])
+    pi = [float(measure.measure(torch.as_tensor(judged_spectrum(judge, s)))) for s in
+          (plain, steered)]
+    h_plain, h_steered = hybridization_fractions(plain), hybridization_fractions(steered)
+    return {"density_g_cm3": args.steer_density, "pi_star_unguided": pi[0],
+            "pi_star_steered": pi[1], "pi_star_gain": pi[1] / pi[0] - 1.0,
+            "sp2_unguided": h_plain["sp2"], "sp2_steered": h_steered["sp2"],
+            "sp2_change": h_steered["sp2"] - h_plain["sp2"], "cn1": h_steered["cn1"],
+            "n_samples": args.n_samples}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--held-out", type=float, nargs="+", default=[2.0, 2.5, 3.0])
+    parser.add_argument("--n-samples", type=int, default=2)
+    parser.add_argument("--steer-density", type=float, default=2.5)
+    parser.add_argument("--max-ratio", type=float, default=2.0)
+    parser.add_argument("--skip-steering", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="few sampler steps (smoke test)")
+    parser.add_argument("--out", default="benchmarks/guidance.json")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    done = {round(t["held_out_density"], 1) for t in result.get("targets", [])}
+    import sys
+
+    result.update({"command": "python -m xanesdiff.scripts.benchmark_guidance "
+                              + " ".join(sys.argv[1:] if argv is None else argv),
+                   "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"})
+    dataset = load_dataset()
+    for density in args.held_out:
+        if round(density, 1) in done:
+            continue
+        result.setdefault("targets", []).append(held_out_target(dataset, density, args))
+        write_json(out, result)  # after every density: an interrupted run keeps what it finished
+        print(json.dumps({k: v for k, v in result["targets"][-1].items()
+                          if k != "density_scan"}, default=float))
+    if not args.skip_steering and "steering" not in result:
+        result["steering"] = steering(args)
+        write_json(out, result)
+        print(json.dumps(result["steering"]))
+
+
+if __name__ == "__main__":
+    main()
