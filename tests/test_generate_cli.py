@@ -1,0 +1,127 @@
+"""End to end: `xanesdiff generate` with tiny models — outputs, report, resume, refusal, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+
+from guidance_toys import tiny_prior
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A tiny random prior and descriptor surrogates (guide and judge) saved as checkpoints."""
+    from xanesdiff.datasets.dataset import A_C_GRID
+    from xanesdiff.datasets.energy_grid import EnergyGrid
+    from xanesdiff.diffusion.prior import save_prior
+    from xanesdiff.forward.surrogate import build_surrogate
+
+    folder = tmp_path_factory.mktemp("models")
+    prior = tiny_prior(dtype=__import__("torch").float32)
+    save_prior(folder / "prior.pt", prior.score_model, prior.schedule)
+    grid = EnergyGrid.from_dict(A_C_GRID)
+    featurizer = {"type": "descriptor", "cutoff_A": 3.0, "n_radial": 8, "n_angular": 6}
+    for name, seed in (("guide", 0), ("judge", 1)):
+        build_surrogate(featurizer, {"hidden": [16], "n_members": 2, "seed": seed},
+                        grid).save(folder / f"{name}.pt")
+    return folder
+
+
+def run_generate(models: Path, out: Path, *overrides: str, check=True):
+    env = {**os.environ, "XANESDIFF_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "xanesdiff.scripts.cli", "generate", f"out={out}",
+           f"models.prior={models / 'prior.pt'}", f"models.surrogate={models / 'guide.pt'}",
+           f"models.judge={models / 'judge.pt'}", "n_atoms=32", "sampler.n_steps=4",
+           "sampler.n_restarts=1", "sampler.n_restart_steps=2", "sampler.final_corrector_steps=1",
+           *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"generate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_generate_writes_validated_structures_and_resumes(tiny_models, tmp_path):
+    target = REPO / "examples" / "target_rho2.5.csv"
+    out = tmp_path / "run"
+    run_generate(tiny_models, out, f"target={target}", "n=2", "density=2.5", "seed=7")
+    frames = ase.io.read(out / "structures.extxyz", index=":")
+    assert len(frames) == 2 and all(len(a) == 32 for a in frames)
+    for key in ("mae", "spearman", "cosine", "judge_mae", "seed", "guided_steps"):
+        assert key in frames[0].info, key
+    assert [a.info["seed"] for a in frames] == [7, 8]
+    report = json.loads((out / "report.json").read_text())
+    assert report["density"] == {"given_g_cm3": 2.5}
+    assert report["target"]["kind"] == "two_column"
+    summary = report["summary"]
+    assert {"mean_prediction_match", "judged_mean_match", "sp3", "cn1"} <= set(summary)
+    for png in ("spectra.png", "structure.png"):
+        assert (out / png).stat().st_size > 10_000
+    energy, _ = np.loadtxt(out / "spectra.csv", delimiter=",", skiprows=1, unpack=True,
+                           usecols=(0, 1))
+    assert len(energy) == 100
+
+    # Resume: asking for one more structure generates only that one, keeping the first two.
+    before = (out / "samples" / "sample_000.extxyz").stat().st_mtime_ns
+    run_generate(tiny_models, out, f"target={target}", "n=3", "density=2.5", "seed=7")
+    assert (out / "samples" / "sample_000.extxyz").stat().st_mtime_ns == before
+    assert len(ase.io.read(out / "structures.extxyz", index=":")) == 3
+
+    # Same seed, same structure (determinism on one machine).
+    again = tmp_path / "again"
+    run_generate(tiny_models, again, f"target={target}", "n=1", "density=2.5", "seed=7")
+    np.testing.assert_allclose(ase.io.read(again / "structures.extxyz").positions,
+                               frames[0].positions, atol=1e-6)
+
+    # A different request into the same folder is refused, not mixed.
+    proc = run_generate(tiny_models, out, f"target={target}", "n=1", "density=3.0", check=False)
+    assert proc.returncode == 2 and "different request" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_generate_infers_density_and_steers_without_target(tiny_models, tmp_path):
+    target = REPO / "examples" / "target_rho2.5.csv"
+    out = tmp_path / "infer"
+    run_generate(tiny_models, out, f"target={target}", "n=1",
+                 "density_search.coarse_g_cm3=[2.0,3.0]", "density_search.refine_step_g_cm3=0.5")
+    report = json.loads((out / "report.json").read_text())
+    scan = report["density"]["scan"]
+    assert {s["stage"] for s in scan} == {"coarse", "refined"}
+    assert 2.0 <= report["density"]["inferred_g_cm3"] <= 3.0
+    assert (out / "density_scan.png").exists()
+
+    steer = tmp_path / "steer"
+    run_generate(tiny_models, steer, "steer=pi_star_up", "density=2.0", "n=1")
+    report = json.loads((steer / "report.json").read_text())
+    assert report["target"] is None and report["steer"] == "pi_star_up"
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["target=/nonexistent/spectrum.csv", "density=2.5"], "does not exist"),
+    (["steer=no_such_steer", "density=2.5"], "no steer named 'no_such_steer'"),
+    (["density=2.5"], "nothing to guide on"),
+    (["target=examples/target_rho2.5.csv", "density=9.0"], "outside 0.5–4.0"),
+    (["target=examples/target_rho2.5.csv", "n=0"], "n must be a positive"),
+    (["target=examples/target_rho2.5.csv", "no_such_field=1"], "no_such_field"),
+])
+def test_generate_request_errors_are_one_clear_line(tiny_models, tmp_path, overrides, expected):
+    out = tmp_path / "bad"
+    proc = run_generate(tiny_models, out, *overrides, check=False)
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "structures.extxyz").exists()
+
+
+def test_wrong_kind_of_checkpoint_is_refused(tiny_models, tmp_path):
+    proc = run_generate(tiny_models, tmp_path / "x", "target=examples/target_rho2.5.csv",
+                        "density=2.5", f"models.prior={tiny_models / 'guide.pt'}", check=False)
+    assert proc.returncode == 2 and "expected 'diffusion_prior'" in proc.stderr
