@@ -41,6 +41,8 @@ def check_out_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
             raise XanesdiffInputError(
                 f"{out} holds results of a different request (fingerprint {previous}, this one "
                 f"{fingerprint}); choose another out=… or pass overwrite=true", "out")
+    for leftover in [*out.glob(".*.tmp*"), *(out / "samples").glob(".*.tmp*")]:
+        leftover.unlink()  # half-written files of a killed run: never read, never kept
     if overwrite:
         for stale in (out / "samples").glob("sample_*.extxyz"):
             stale.unlink()

@@ -125,3 +125,35 @@ def test_wrong_kind_of_checkpoint_is_refused(tiny_models, tmp_path):
     proc = run_generate(tiny_models, tmp_path / "x", "target=examples/target_rho2.5.csv",
                         "density=2.5", f"models.prior={tiny_models / 'guide.pt'}", check=False)
     assert proc.returncode == 2 and "expected 'diffusion_prior'" in proc.stderr
+
+
+def test_killed_generate_resumes_without_losing_finished_structures(tiny_models, tmp_path):
+    import signal
+    import time
+
+    target = REPO / "examples" / "target_rho2.5.csv"
+    out = tmp_path / "killed"
+    env = {**os.environ, "XANESDIFF_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    args = [f"target={target}", "n=4", "density=2.5", "n_atoms=48", "sampler.n_steps=30"]
+    cmd = [sys.executable, "-m", "xanesdiff.scripts.cli", "generate", f"out={out}",
+           f"models.prior={tiny_models / 'prior.pt'}", f"models.surrogate={tiny_models / 'guide.pt'}",
+           f"models.judge={tiny_models / 'judge.pt'}", *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = out / "samples" / "sample_000.extxyz"
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert first.exists(), "no structure finished before the deadline"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = sorted(p.name for p in (out / "samples").glob("sample_*.extxyz"))
+    assert finished and not (out / "structures.extxyz").exists()
+    kept = {name: (out / "samples" / name).read_bytes() for name in finished}
+    for name in finished:  # every finished file is whole
+        assert len(ase.io.read(out / "samples" / name)) == 48
+
+    subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True, timeout=600)
+    assert len(ase.io.read(out / "structures.extxyz", index=":")) == 4
+    assert all((out / "samples" / n).read_bytes() == b for n, b in kept.items())
+    assert not list(out.rglob(".*.tmp*"))
