@@ -48,13 +48,13 @@ def check_spectrum(energy_eV: np.ndarray, intensity: np.ndarray, source: str) ->
     if (steps == 0).any():
         row = int(np.flatnonzero(steps == 0)[0]) + 2
         raise XanesdiffInputError(
-            f"duplicated energy {energy_eV[row - 1]} eV at data row {row}; expected strictly "
+            f"duplicated energy {energy_eV[row - 1]:.3f} eV at data row {row}; expected strictly "
             "increasing energies", source)
     if (steps < 0).any():
         row = int(np.flatnonzero(steps < 0)[0]) + 2
         raise XanesdiffInputError(
-            f"energies are not increasing at data row {row} ({energy_eV[row - 2]} → "
-            f"{energy_eV[row - 1]} eV); expected strictly increasing energies in eV", source)
+            f"energies are not increasing at data row {row} ({energy_eV[row - 2]:.3f} → "
+            f"{energy_eV[row - 1]:.3f} eV); expected strictly increasing energies in eV", source)
     if energy_eV.max() < 10.0:
         raise XanesdiffInputError(
             f"energies span {energy_eV.min():.4g}–{energy_eV.max():.4g}: these look like keV; "

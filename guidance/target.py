@@ -85,7 +85,7 @@ def load_target(path: str | os.PathLike, surrogate, *, shift_eV: float | None = 
         return Target(sites.mean(axis=0).astype(np.float64), str(path), "per_site",
                       {"sites": int(sites.shape[0])})
     raise XanesdiffInputError(
-        f"{table.shape[1]} columns: expected 2 (energy eV, intensity), {grid.n_points} "
+        f"{table.shape[1]} column(s): expected 2 (energy eV, intensity), {grid.n_points} "
         "(per-site spectra on the model grid, one row per atom), or a structure file", str(path))
 
 
