@@ -42,7 +42,7 @@ def one_column(rng):
 
 def three_columns(rng):
     e = GOOD_ENERGY
-    return "\n".join(f"{x} 1.0 2.0" for x in e[: rng.integers(5, 300)]), "columns"
+    return "\n".join(f"{x} 1.0 2.0" for x in e[: rng.integers(5, 300)]), "column(s)"
 
 
 def non_numeric(rng):
@@ -92,7 +92,7 @@ def negative(rng):
 def per_site_wrong_width(rng):
     rows = rng.integers(2, 50)
     cols = int(rng.choice([3, 50, 99, 101, 150]))
-    return "\n".join(" ".join("0.1" for _ in range(cols)) for _ in range(rows)), "columns"
+    return "\n".join(" ".join("0.1" for _ in range(cols)) for _ in range(rows)), "column(s)"
 
 
 SPECTRUM_KINDS = [empty, one_column, three_columns, non_numeric, non_finite, not_increasing,
