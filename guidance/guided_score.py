@@ -13,15 +13,25 @@ class GuidedScore:
     without, J ≈ I (cheaper). `max_ratio` caps each term's RMS at that multiple of the prior
     score's RMS, per term, so a steep likelihood neither tears the network apart nor drowns the
     other terms (a steer next to a spectrum target keeps its share).
+
+    `refresh_every` > 1 recomputes the guidance (surrogate and denoiser backward passes) only on
+    every k-th guided call and reuses the last contribution in between: a cheaper, lagged
+    guidance for consecutive steps whose positions barely move.
     """
 
     def __init__(self, prior, cell_A: torch.Tensor, numbers: torch.Tensor, terms: list,
-                 through_denoiser: bool = True, max_ratio: float | None = 2.0):
+                 through_denoiser: bool = True, max_ratio: float | None = 2.0,
+                 refresh_every: int = 1):
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be ≥ 1, got {refresh_every}")
         self.prior, self.cell, self.numbers = prior, cell_A, numbers
         self.terms = list(terms)
         self.through_denoiser = through_denoiser
         self.max_ratio = max_ratio
+        self.refresh_every = int(refresh_every)
         self.history: list[dict] = []
+        self._guided_calls = 0
+        self._last_contribution: torch.Tensor | None = None
 
     def __call__(self, pos_A: torch.Tensor, t: float) -> torch.Tensor:
         t = float(t)
@@ -29,6 +39,11 @@ class GuidedScore:
         if not active:
             with torch.no_grad():
                 return self.prior.score(pos_A, self.cell, self.numbers, t)
+        self._guided_calls += 1
+        if self._last_contribution is not None and (self._guided_calls - 1) % self.refresh_every:
+            with torch.no_grad():
+                return (self.prior.score(pos_A, self.cell, self.numbers, t)
+                        + self._last_contribution)
         sigma_sq = float(self.prior.schedule.sigma(t)) ** 2
         x_t = pos_A.detach().requires_grad_(self.through_denoiser)
         with torch.set_grad_enabled(self.through_denoiser):
@@ -49,7 +64,8 @@ class GuidedScore:
             (contribution,) = torch.autograd.grad(x0, x_t, grad_outputs=contribution)
         log["guidance_to_prior_rms"] = float(_rms(contribution) / prior_rms)
         self.history.append(log)
-        return prior_score.detach() + contribution
+        self._last_contribution = contribution.detach()
+        return prior_score.detach() + self._last_contribution
 
     def denoised(self, pos_A: torch.Tensor, t: float) -> torch.Tensor:
         with torch.no_grad():

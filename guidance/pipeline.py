@@ -25,11 +25,12 @@ class GuidedGenerator:
 
     def __init__(self, prior, surrogate, terms: list, sampler=None, n_atoms: int = 216,
                  element: str = "C", through_denoiser: bool = True,
-                 max_ratio: float | None = 2.0):
+                 max_ratio: float | None = 2.0, refresh_every: int = 1):
         self.prior, self.surrogate, self.terms = prior, surrogate, list(terms)
         self.sampler = sampler or default_sampler(prior.schedule)
         self.n_atoms, self.element = n_atoms, element
         self.through_denoiser, self.max_ratio = through_denoiser, max_ratio
+        self.refresh_every = refresh_every
 
     def generate(self, density_g_cm3: float, seed: int, guided: bool = True,
                  cell_A=None) -> tuple[Atoms, dict]:
@@ -43,7 +44,7 @@ class GuidedGenerator:
         pos = self.prior.schedule.prior_sampling(n, cell_t, generator, dtype)
         terms = self.terms if guided else []
         score_fn = GuidedScore(self.prior, cell_t, numbers, terms, self.through_denoiser,
-                               self.max_ratio)
+                               self.max_ratio, self.refresh_every)
         self.prior.neighbors.clear()
         pos = self.sampler.sample(pos, score_fn, lambda x: wrap_positions(x, cell_t), generator)
         atoms = Atoms(numbers=numbers.numpy(), positions=pos.double().numpy(), cell=cell, pbc=True)

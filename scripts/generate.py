@@ -93,7 +93,8 @@ def run(cfg: DictConfig) -> dict:
     sampler = instantiate(cfg.sampler, schedule=prior.schedule)
     generator = GuidedGenerator(prior, surrogate, terms, sampler, n_atoms=int(cfg.n_atoms),
                                 through_denoiser=cfg.guided_score.through_denoiser,
-                                max_ratio=cfg.guided_score.max_ratio)
+                                max_ratio=cfg.guided_score.max_ratio,
+                                refresh_every=cfg.guided_score.refresh_every)
     report: dict = {"target": None if target is None else
                     {"source": target.source, "kind": target.kind, **target.details}}
     scan_path = out / "density_scan.json"

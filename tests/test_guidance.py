@@ -132,6 +132,24 @@ def test_each_term_is_capped_separately():
     assert 0 < both.history[-1]["feature/to_prior_rms"] < 1.0
 
 
+def test_lagged_guidance_reuses_the_last_contribution():
+    prior = tiny_prior()
+    surrogate = ToySurrogate()
+    pos, cell, numbers = random_carbon(20, seed=6)
+    term = SpectrumLikelihood(surrogate, torch.zeros(TOY_GRID.n_points, dtype=torch.float64),
+                              sigma_obs=0.5)
+    lagged = GuidedScore(prior, cell, numbers, [term], max_ratio=None, refresh_every=3)
+    exact = GuidedScore(prior, cell, numbers, [term], max_ratio=None)
+    moved = pos + 0.01
+    first = lagged(pos, 0.3)
+    torch.testing.assert_close(first, exact(pos, 0.3))
+    reused = lagged(moved, 0.29) - prior.score(moved, cell, numbers, 0.29)
+    torch.testing.assert_close(reused, first - prior.score(pos, cell, numbers, 0.3))
+    lagged(moved, 0.28)
+    torch.testing.assert_close(lagged(moved, 0.27), exact(moved, 0.27))  # 4th call: refreshed
+    assert len(lagged.history) == 2
+
+
 def test_guided_sampling_moves_feature_toward_target():
     """With the same seeds, guiding toward a higher π* intensity gives a higher π* intensity."""
     from xanesdiff.diffusion.samplers import EulerMaruyama
