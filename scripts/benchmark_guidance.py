@@ -74,7 +74,7 @@ def held_out_target(dataset, density: float, args) -> dict:
     target = split.test[0].mean_spectrum.astype(np.float64)
     term = SpectrumLikelihood(guide, target, schedule=TimeWindow(1.0, 0.0, 0.6, 0.2))
     generator = GuidedGenerator(prior, guide, [term], make_sampler(prior.schedule, args.quick),
-                                max_ratio=args.max_ratio)
+                                max_ratio=args.max_ratio, refresh_every=args.refresh_every)
     search = DensitySearch(n_per_density=1, guided=False)
     if args.quick:
         search.coarse_g_cm3 = (2.0, 3.0)
@@ -105,7 +105,7 @@ def steering(args) -> dict:
                            tolerance=0.05, surrogate=surrogate,
                            schedule=TimeWindow(1.0, 0.0, 0.6, 0.2), name="pi_star_up")
     generator = GuidedGenerator(prior, surrogate, [term], make_sampler(prior.schedule, args.quick),
-                                max_ratio=args.max_ratio)
+                                max_ratio=args.max_ratio, refresh_every=args.refresh_every)
     measure = SpectralFeature("intensity", PI_STAR_WINDOW_eV, value=0.0, surrogate=judge)
     plain, steered = [], []
     for seed in range(args.n_samples):
@@ -129,6 +129,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n-samples", type=int, default=2)
     parser.add_argument("--steer-density", type=float, default=2.5)
     parser.add_argument("--max-ratio", type=float, default=2.0)
+    parser.add_argument("--refresh-every", type=int, default=1)
     parser.add_argument("--skip-steering", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few sampler steps (smoke test)")
     parser.add_argument("--out", default="benchmarks/guidance.json")
