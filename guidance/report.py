@@ -38,6 +38,17 @@ def write_extxyz(path: str | os.PathLike, frames: list) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
+    """Save a matplotlib figure as PNG through a temporary file, then close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_spectra(path: str | os.PathLike, energy_eV: np.ndarray, target: np.ndarray | None,
                  predicted: list[np.ndarray], predicted_std: list[np.ndarray],
                  labels: list[str], title: str = "") -> None:
@@ -58,11 +69,7 @@ def plot_spectra(path: str | os.PathLike, energy_eV: np.ndarray, target: np.ndar
     ax.set_ylabel("intensity (model units)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def plot_density_scan(path: str | os.PathLike, scan: list[dict], chosen: float) -> None:
@@ -81,8 +88,4 @@ def plot_density_scan(path: str | os.PathLike, scan: list[dict], chosen: float) 
     ax.set_xlabel("density (g/cm³)")
     ax.set_ylabel("spectrum MAE to target")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
