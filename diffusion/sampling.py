@@ -18,7 +18,7 @@ from ase.data import atomic_masses, atomic_numbers
 
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.datasets.graph import wrap_positions
-from xanesdiff.diffusion.samplers import RestartSampler, Sampler
+from xanesdiff.diffusion.samplers import PredictorCorrector, Sampler
 
 AMU_G = 1.66053906660e-24
 DEFAULT_N_ATOMS = 216
@@ -55,10 +55,11 @@ def resolve_cell_and_count(n_atoms: int | None = None, density_g_cm3: float | No
 
 
 def default_sampler(schedule) -> Sampler:
-    """The shipped default: EM (100 steps) + 2 restarts to t=0.3 (30 steps each) + final
-    corrector steps and a Tweedie denoise."""
-    return RestartSampler(schedule, n_steps=100, t_end=0.01, n_restarts=2, t_restart=0.3,
-                          n_restart_steps=30, final_corrector_steps=5)
+    """The shipped default (same as configs/sampler/pc.yaml): EM predictor + 2 Langevin corrector
+    steps (snr 0.3) at each of 100 times from t=1 to 0.04, 5 final corrector steps, Tweedie
+    denoise."""
+    return PredictorCorrector(schedule, n_steps=100, n_corrector=2, corrector_snr=0.3,
+                              t_start=1.0, t_end=0.04, final_corrector_steps=5)
 
 
 def sample_structures(prior, n_atoms: int | None = None, density_g_cm3: float | None = None,

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-samples", type=int, default=8)
     p.add_argument("--n-atoms", type=int, default=216)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default="restart", help="configs/sampler/<name>.yaml")
+    p.add_argument("--sampler", default="pc", help="configs/sampler/<name>.yaml")
     p.add_argument("--set", nargs="*", default=[], help="sampler overrides, e.g. n_steps=200")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="benchmarks/prior.json")
