@@ -33,9 +33,9 @@ def neighbour_pairs(src: torch.Tensor, n_atoms: int) -> tuple[torch.Tensor, torc
     counts = torch.bincount(src, minlength=n_atoms)
     first = torch.cumsum(counts, 0) - counts
     reps = counts[src]
-    a = torch.repeat_interleave(torch.arange(len(src)), reps)
+    a = torch.repeat_interleave(torch.arange(len(src), device=src.device), reps)
     starts = torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)
-    b = first[src[a]] + (torch.arange(len(a)) - starts)
+    b = first[src[a]] + (torch.arange(len(a), device=src.device) - starts)
     keep = a != b
     return a[keep], b[keep]
 
@@ -76,12 +76,12 @@ class RadialAngularDescriptor(nn.Module):
         n = pos.shape[0]
         i, j, shifts, _ = periodic_neighbor_list(pos.detach().cpu().double().numpy(),
                                                  cell.detach().cpu().double().numpy(), self.cutoff_A)
-        src, dst = torch.from_numpy(i), torch.from_numpy(j)
-        vec = pos[dst] + torch.from_numpy(shifts).to(pos.dtype) @ cell.reshape(3, 3) - pos[src]
+        src, dst = torch.from_numpy(i).to(pos.device), torch.from_numpy(j).to(pos.device)
+        vec = pos[dst] + torch.from_numpy(shifts).to(pos) @ cell.reshape(3, 3) - pos[src]
         r = vec.norm(dim=1)
         centres = self.radial_centres_A.to(pos.dtype)
         gauss = torch.exp(-0.5 * ((r[:, None] - centres) / self.radial_width_A) ** 2)
-        radial = torch.zeros(n, self.n_radial, dtype=pos.dtype).index_add(
+        radial = torch.zeros(n, self.n_radial, dtype=pos.dtype, device=pos.device).index_add(
             0, src, gauss * switch_cutoff(r, self.cutoff_A - self.taper_A, self.cutoff_A)[:, None])
         parts = [radial]
         for rc in self.angular_cutoffs_A:
@@ -94,7 +94,7 @@ class RadialAngularDescriptor(nn.Module):
                       * switch_cutoff(s_r[b], rc - self.taper_A, rc))
             ang_c = self.angular_centres_rad.to(pos.dtype)
             g = torch.exp(-0.5 * ((theta[:, None] - ang_c) / self.angular_width_rad) ** 2)
-            parts.append(torch.zeros(n, self.n_angular, dtype=pos.dtype).index_add(
+            parts.append(torch.zeros(n, self.n_angular, dtype=pos.dtype, device=pos.device).index_add(
                 0, s_src[a], g * weight[:, None]))
         return torch.cat(parts, dim=1)
 

@@ -158,10 +158,16 @@ class SurrogateTask(L.LightningModule):
                 self.trainer.should_stop = True
 
     def configure_optimizers(self):
-        params = [p for p in self.surrogate.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, self.cfg)
+        head = [p for p in self.surrogate.head.parameters() if p.requires_grad]
+        featurizer = [p for p in self.surrogate.featurizer.parameters() if p.requires_grad]
+        groups = [{"params": head, "lr": self.cfg.lr}]
+        if featurizer:
+            groups.append({"params": featurizer, "lr": self.cfg.lr * self.cfg.featurizer_lr_scale})
+        optimizer = make_optimizer(groups, self.cfg)
         total = max(1, self.cfg.max_epochs * self.steps_per_epoch)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, self.cfg.lr * 0.05)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, total)
+                                                                     / total)))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

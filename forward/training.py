@@ -23,6 +23,8 @@ class HeadTrainConfig:
     guidance matches. Each ensemble member draws its own random batches (diversity).
     Stopping: after `min_epochs`, stop when the epoch training loss has not improved by a
     relative `tol` over the last `patience` epochs, or at `max_epochs`.
+    `featurizer_lr_scale` multiplies the learning rate of a trainable featuriser (fine-tuning
+    a pretrained backbone wants a smaller step than the freshly initialised head).
     """
 
     lr: float = 2e-3
@@ -34,6 +36,7 @@ class HeadTrainConfig:
     tol: float = 2e-3
     mean_weight: float = 1.0
     feature_noise: float = 0.0
+    featurizer_lr_scale: float = 0.1
     seed: int = 0
 
     def to_dict(self) -> dict:

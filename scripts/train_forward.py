@@ -68,7 +68,8 @@ def run(cfg: DictConfig) -> dict:
                          cache=cfg.feature_cache, progress=bool(cfg.progress))
     out_dir = Path(cfg.out_dir)
     checkpointing = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=0, every_n_epochs=1)
+        dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=0, every_n_epochs=1,
+        enable_version_counter=False)  # a fresh run overwrites last.ckpt (no last-v1.ckpt)
     trainer = L.Trainer(
         max_epochs=train_cfg.max_epochs, callbacks=[checkpointing], num_sanity_val_steps=0,
         logger=L.pytorch.loggers.CSVLogger(str(out_dir), name="logs"),
