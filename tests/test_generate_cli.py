@@ -40,8 +40,8 @@ def run_generate(models: Path, out: Path, *overrides: str, check=True):
     env = {**os.environ, "XANESDIFF_THREADS": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "xanesdiff.scripts.cli", "generate", f"out={out}",
            f"models.prior={models / 'prior.pt'}", f"models.surrogate={models / 'guide.pt'}",
-           f"models.judge={models / 'judge.pt'}", "n_atoms=32", "sampler.n_steps=4",
-           "sampler.n_restarts=1", "sampler.n_restart_steps=2", "sampler.final_corrector_steps=1",
+           f"models.judge={models / 'judge.pt'}", "n_atoms=32", "sampler.n_steps=3",
+           "sampler.n_corrector=1", "sampler.final_corrector_steps=1",
            *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     if check and proc.returncode != 0:
@@ -134,7 +134,7 @@ def test_killed_generate_resumes_without_losing_finished_structures(tiny_models,
     target = REPO / "examples" / "target_rho2.5.csv"
     out = tmp_path / "killed"
     env = {**os.environ, "XANESDIFF_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    args = [f"target={target}", "n=4", "density=2.5", "n_atoms=48", "sampler.n_steps=30"]
+    args = [f"target={target}", "n=4", "density=2.5", "n_atoms=48", "sampler.n_steps=15"]
     cmd = [sys.executable, "-m", "xanesdiff.scripts.cli", "generate", f"out={out}",
            f"models.prior={tiny_models / 'prior.pt'}", f"models.surrogate={tiny_models / 'guide.pt'}",
            f"models.judge={tiny_models / 'judge.pt'}", *args]
