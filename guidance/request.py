@@ -72,3 +72,26 @@ def set_relative_references(terms, generator, target, density, seed) -> None:
         reference = predict_members(generator.surrogate, atoms).mean(0)
     for term in relative:
         term.set_reference(torch.as_tensor(reference, dtype=torch.float32))
+
+
+def compose_generate_config(overrides: list[str] | None = None) -> DictConfig:
+    """The `xanesdiff generate` config (shipped defaults plus `overrides`), for programmatic use
+    such as benchmarks that must run exactly what the command runs."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("xanesdiff.configs", version_base="1.3"):
+        return compose("generate", overrides=list(overrides or []))
+
+
+def make_generator(cfg: DictConfig, prior, surrogate, terms: list, n_atoms: int | None = None):
+    """A `GuidedGenerator` with the sampler and guided-score settings of a generate config."""
+    from hydra.utils import instantiate
+
+    from xanesdiff.guidance.pipeline import GuidedGenerator
+
+    sampler = instantiate(cfg.sampler, schedule=prior.schedule)
+    return GuidedGenerator(prior, surrogate, terms, sampler,
+                           n_atoms=int(n_atoms or cfg.n_atoms),
+                           through_denoiser=cfg.guided_score.through_denoiser,
+                           max_ratio=cfg.guided_score.max_ratio,
+                           refresh_every=cfg.guided_score.refresh_every)

@@ -11,7 +11,8 @@ network, only the surrogates have not). The density is not given: it is inferred
 
 Steering: at 2.5 g/cm³ with the shipped models, structures generated with `pi_star_up`
 (π* window intensity ≥ 1.2× the unguided structure's) against unguided structures of the same
-seeds, judged by the shipped judge surrogate.
+seeds, judged by the shipped judge surrogate. Sampler and guidance settings are exactly those of
+`xanesdiff generate` (configs/generate.yaml).
 """
 
 from __future__ import annotations
@@ -24,19 +25,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 import xanesdiff
 from xanesdiff.analysis.structure import hybridization_fractions
 from xanesdiff.datasets.dataset import load_dataset
 from xanesdiff.datasets.splits import leave_one_density_out
 from xanesdiff.diffusion.prior import load_prior
-from xanesdiff.diffusion.samplers import RestartSampler
 from xanesdiff.forward.surrogate import load_surrogate, train_surrogate
-from xanesdiff.guidance.base import TimeWindow
 from xanesdiff.guidance.features import SpectralFeature
-from xanesdiff.guidance.pipeline import DensitySearch, GuidedGenerator
+from xanesdiff.guidance.pipeline import DensitySearch
 from xanesdiff.guidance.report import write_json
-from xanesdiff.guidance.spectrum import SpectrumLikelihood
+from xanesdiff.guidance.request import build_terms, compose_generate_config, make_generator
 from xanesdiff.guidance.validation import predict_members, spectral_match
 
 CHECKPOINTS = xanesdiff.PACKAGE_ROOT / "checkpoints"
@@ -44,15 +44,14 @@ GUIDE_FEATURIZER = {"type": "m3gnet", "backbone": "models/M3GNet-MP-2021.2.8-PES
                     "layers": ["gc_1", "gc_2", "gc_3"]}
 JUDGE_FEATURIZER = {"type": "m3gnet", "backbone": "models/M3GNet-MatPES-PBE-v2025.1-PES",
                     "layers": ["gc_1", "gc_2", "gc_3"]}
-PI_STAR_WINDOW_eV = (284.2, 286.6)
 
 
-def make_sampler(schedule, quick: bool):
-    if quick:
-        return RestartSampler(schedule, n_steps=8, n_restarts=1, t_restart=0.3,
-                              n_restart_steps=4, final_corrector_steps=1)
-    return RestartSampler(schedule, n_steps=100, n_restarts=2, t_restart=0.3,
-                          n_restart_steps=30, final_corrector_steps=5)
+def generate_config(args, *extra):
+    """The shipped `xanesdiff generate` settings (few sampler steps with --quick)."""
+    quick = ["sampler.n_steps=6", "sampler.n_corrector=1", "sampler.final_corrector_steps=1",
+             "density_search.coarse_g_cm3=[2.0,3.0]"] if args.quick else []
+    return compose_generate_config([*quick, f"guided_score.refresh_every={args.refresh_every}",
+                                    *extra])
 
 
 def prior_for(density: float):
@@ -72,12 +71,11 @@ def held_out_target(dataset, density: float, args) -> dict:
     judge = train_surrogate(split.train, dataset.grid, JUDGE_FEATURIZER, {"seed": 1})
     prior, prior_held_out, prior_name = prior_for(density)
     target = split.test[0].mean_spectrum.astype(np.float64)
-    term = SpectrumLikelihood(guide, target, schedule=TimeWindow(1.0, 0.0, 0.6, 0.2))
-    generator = GuidedGenerator(prior, guide, [term], make_sampler(prior.schedule, args.quick),
-                                max_ratio=args.max_ratio, refresh_every=args.refresh_every)
-    search = DensitySearch(n_per_density=1, guided=False)
-    if args.quick:
-        search.coarse_g_cm3 = (2.0, 3.0)
+    cfg = generate_config(args)
+    terms = [term.bind(guide, target) for term in build_terms(OmegaConf.merge(
+        cfg, {"target": "held-out frame"}))]
+    generator = make_generator(cfg, prior, guide, terms)
+    search = DensitySearch(**OmegaConf.to_container(cfg.density_search))
     start = time.perf_counter()
     inferred, scan = search.run(generator, target)
     frames = [generator.generate(inferred, seed)[0] for seed in range(args.n_samples)]
@@ -101,12 +99,10 @@ def steering(args) -> dict:
     prior = load_prior()
     surrogate = load_surrogate()
     judge = load_surrogate(CHECKPOINTS / "forward_judge.pt")
-    term = SpectralFeature("intensity", PI_STAR_WINDOW_eV, relation="ge", relative=1.2,
-                           tolerance=0.05, surrogate=surrogate,
-                           schedule=TimeWindow(1.0, 0.0, 0.6, 0.2), name="pi_star_up")
-    generator = GuidedGenerator(prior, surrogate, [term], make_sampler(prior.schedule, args.quick),
-                                max_ratio=args.max_ratio, refresh_every=args.refresh_every)
-    measure = SpectralFeature("intensity", PI_STAR_WINDOW_eV, value=0.0, surrogate=judge)
+    cfg = generate_config(args, "steer=pi_star_up")
+    (term,) = [t.bind(surrogate) for t in build_terms(cfg)]
+    generator = make_generator(cfg, prior, surrogate, [term])
+    measure = SpectralFeature("intensity", term.window_eV, value=0.0, surrogate=judge)
     plain, steered = [], []
     for seed in range(args.n_samples):
         atoms, _ = generator.generate(args.steer_density, seed, guided=False)
@@ -128,8 +124,7 @@ def main(argv=None) -> None:
     parser.add_argument("--held-out", type=float, nargs="+", default=[2.0, 2.5, 3.0])
     parser.add_argument("--n-samples", type=int, default=2)
     parser.add_argument("--steer-density", type=float, default=2.5)
-    parser.add_argument("--max-ratio", type=float, default=2.0)
-    parser.add_argument("--refresh-every", type=int, default=1)
+    parser.add_argument("--refresh-every", type=int, default=3)
     parser.add_argument("--skip-steering", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few sampler steps (smoke test)")
     parser.add_argument("--out", default="benchmarks/guidance.json")

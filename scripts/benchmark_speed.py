@@ -122,28 +122,24 @@ def reference_guided_sample(target: torch.Tensor, seed: int = 0, rho: float = 80
     return time.perf_counter() - start
 
 
-def xanesdiff_guided_sample(target: np.ndarray, seed: int = 0) -> tuple[float, object, dict]:
+def xanesdiff_guided_sample(target: np.ndarray, seed: int = 0, overrides=()
+                            ) -> tuple[float, object, dict]:
     """Wall time (s), structure and log of one guided sample with the shipped defaults."""
-    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.forward.surrogate import load_surrogate
-    from xanesdiff.guidance.pipeline import GuidedGenerator
+    from xanesdiff.guidance.request import compose_generate_config, make_generator
 
-    with initialize_config_module("xanesdiff.configs", version_base="1.3"):
-        cfg = compose("generate")
+    cfg = compose_generate_config(overrides)
     prior, surrogate = load_prior(), load_surrogate()
     terms = [instantiate(spec, _convert_="all").bind(surrogate, target)
              for spec in cfg.guidance.values()]
-    sampler = instantiate(cfg.sampler, schedule=prior.schedule)
-    generator = GuidedGenerator(prior, surrogate, terms, sampler,
-                                through_denoiser=cfg.guided_score.through_denoiser,
-                                max_ratio=cfg.guided_score.max_ratio)
+    generator = make_generator(cfg, prior, surrogate, terms, N_ATOMS)
     start = time.perf_counter()
     atoms, log = generator.generate(DENSITY, seed)
     elapsed = time.perf_counter() - start
-    log["n_score_evals"] = sampler.n_score_evals
+    log["n_score_evals"] = generator.sampler.n_score_evals
     return elapsed, atoms, log
 
 

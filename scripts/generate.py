@@ -16,7 +16,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from xanesdiff.datasets.errors import XanesdiffInputError
-from xanesdiff.guidance.request import build_terms, check_density, set_relative_references
+from xanesdiff.guidance.request import (build_terms, check_density, make_generator,
+                                        set_relative_references)
 from xanesdiff.scripts._hydra import hydra_app, set_threads
 
 log = logging.getLogger("xanesdiff.generate")
@@ -58,7 +59,7 @@ def run(cfg: DictConfig) -> dict:
     from xanesdiff.analysis.structure import structure_report
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.forward.surrogate import load_surrogate
-    from xanesdiff.guidance.pipeline import DensitySearch, GuidedGenerator
+    from xanesdiff.guidance.pipeline import DensitySearch
     from xanesdiff.guidance.report import (plot_density_scan, plot_spectra, write_extxyz,
                                            write_json)
     from xanesdiff.guidance.target import load_target
@@ -88,13 +89,7 @@ def run(cfg: DictConfig) -> dict:
                                   "it from", "density")
     check_out_dir(out, request_fingerprint(cfg), bool(cfg.overwrite))
 
-    from hydra.utils import instantiate
-
-    sampler = instantiate(cfg.sampler, schedule=prior.schedule)
-    generator = GuidedGenerator(prior, surrogate, terms, sampler, n_atoms=int(cfg.n_atoms),
-                                through_denoiser=cfg.guided_score.through_denoiser,
-                                max_ratio=cfg.guided_score.max_ratio,
-                                refresh_every=cfg.guided_score.refresh_every)
+    generator = make_generator(cfg, prior, surrogate, terms)
     report: dict = {"target": None if target is None else
                     {"source": target.source, "kind": target.kind, **target.details}}
     scan_path = out / "density_scan.json"
