@@ -50,8 +50,45 @@ def build_featurizer(cfg: dict) -> nn.Module:
         from xanesdiff.forward.gnn_scratch import ScratchGNN
 
         return ScratchGNN(**cfg)
+    if kind == "concat":
+        return ConcatFeaturizer([build_featurizer(part) for part in cfg["parts"]])
     raise XanesdiffInputError(
-        f"unknown featurizer type {kind!r}; expected one of m3gnet, descriptor, gnn_scratch")
+        f"unknown featurizer type {kind!r}; expected one of m3gnet, descriptor, gnn_scratch, concat")
+
+
+def featurizer_has_own_weights(cfg: dict) -> bool:
+    """True when the featuriser's weights must travel in the checkpoint (learned or fine-tuned);
+    a frozen pretrained M3GNet is an asset, referenced by name, and a descriptor has no weights."""
+    kind = cfg.get("type", "m3gnet")
+    if kind == "concat":
+        return any(featurizer_has_own_weights(part) for part in cfg["parts"])
+    return kind == "gnn_scratch" or bool(cfg.get("trainable", False))
+
+
+class ConcatFeaturizer(nn.Module):
+    """Several featurisers side by side: features (N, F_1 + F_2 + ...), in the given order."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def config(self) -> dict:
+        return {"type": "concat", "parts": [part.config() for part in self.parts]}
+
+    @property
+    def feature_dim(self) -> int:
+        return sum(part.feature_dim for part in self.parts)
+
+    @property
+    def cache_id(self) -> str:
+        return "concat[" + ";".join(part.cache_id for part in self.parts) + "]"
+
+    def forward(self, pos: torch.Tensor, cell: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(pos, cell, numbers) for part in self.parts], dim=1)
+
+    @torch.no_grad()
+    def features_of_atoms(self, atoms) -> torch.Tensor:
+        return torch.cat([part.features_of_atoms(atoms) for part in self.parts], dim=1)
 
 
 def featurizer_is_trainable(featurizer: nn.Module) -> bool:
@@ -172,8 +209,7 @@ class Surrogate(nn.Module):
         """Everything needed to rebuild this surrogate (the M3GNet backbone weights are an asset,
         referenced by name, unless the backbone was fine-tuned)."""
         featurizer_state = None
-        if self.config.get("featurizer", {}).get("type", "m3gnet") != "m3gnet" or \
-                self.config.get("featurizer", {}).get("trainable", False):
+        if featurizer_has_own_weights(self.config.get("featurizer", {"type": "m3gnet"})):
             featurizer_state = {k: v.detach().cpu() for k, v in self.featurizer.state_dict().items()}
         return {
             "kind": CHECKPOINT_KIND,
@@ -217,8 +253,8 @@ def surrogate_from_checkpoint(ckpt: dict, source: str = "checkpoint",
             f"{xanesdiff.__version__} reads; retrain it with `xanesdiff train-forward`", source)
     config = copy.deepcopy(ckpt["config"])
     featurizer_cfg = dict(config.get("featurizer", {"type": "m3gnet"}))
-    if backbone_path is not None and featurizer_cfg.get("type", "m3gnet") == "m3gnet":
-        featurizer_cfg["backbone_path"] = str(backbone_path)
+    if backbone_path is not None:
+        featurizer_cfg = _with_backbone_path(featurizer_cfg, str(backbone_path))
     featurizer = build_featurizer(featurizer_cfg)
     if ckpt.get("featurizer_state") is not None:
         featurizer.load_state_dict(ckpt["featurizer_state"])
@@ -229,6 +265,16 @@ def surrogate_from_checkpoint(ckpt: dict, source: str = "checkpoint",
     for p in surrogate.parameters():
         p.requires_grad_(False)
     return surrogate.to(device).eval()
+
+
+def _with_backbone_path(cfg: dict, path: str) -> dict:
+    """The featuriser config with every M3GNet backbone pointed at `path`."""
+    cfg = dict(cfg)
+    if cfg.get("type", "m3gnet") == "m3gnet":
+        cfg["backbone_path"] = path
+    elif cfg.get("type") == "concat":
+        cfg["parts"] = [_with_backbone_path(part, path) for part in cfg["parts"]]
+    return cfg
 
 
 def load_surrogate(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
