@@ -114,7 +114,29 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="benchmarks/prior.json")
     p.add_argument("--no-leave-out", action="store_true")
+    p.add_argument("--merge", nargs="*", default=None,
+                   help="combine partial result JSONs (e.g. from parallel runs over densities) "
+                        "into --out and its .md instead of sampling")
     args = p.parse_args(argv)
+    if args.merge:
+        from xanesdiff.datasets.spectra_io import atomic_write_text
+
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = dict(parts[0], per_density={}, leave_out={})
+        for part in parts:
+            merged["per_density"].update(part["per_density"])
+            merged["leave_out"].update(part.get("leave_out", {}))
+            merged.setdefault("leave_out_checkpoint", part.get("leave_out_checkpoint"))
+            if part.get("leave_out_checkpoint"):
+                merged["leave_out_checkpoint"] = part["leave_out_checkpoint"]
+        merged["per_density"] = dict(sorted(merged["per_density"].items()))
+        merged["command"] = " && ".join(part["command"] for part in parts) + (
+            " && python -m xanesdiff.scripts.benchmark_prior --merge " + " ".join(args.merge)
+            + f" --out {args.out}")
+        atomic_write_text(Path(args.out), json.dumps(merged, indent=1))
+        atomic_write_text(Path(args.out).with_suffix(".md"), markdown(merged))
+        print(markdown(merged))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
 
