@@ -3,8 +3,9 @@
     python -m xanesdiff.scripts.benchmark_guidance [--n-samples 2] [--out benchmarks/guidance.json]
 
 Targets: for each held-out interior density (2.0, 2.5, 3.0) the *simulated* mean spectrum of
-one frame of that network. The guidance surrogate (M3GNet-MP features, seed 0) and the judge
-(M3GNet-MatPES features, seed 1) are both trained here without that network; the prior is the
+one frame of that network. The guidance surrogate (the shipped default's recipe: M3GNet-MP
+features + radial/angular histograms, seed 0) and the judge (the shipped judge's recipe:
+M3GNet-MatPES features, seed 1) are both retrained here without that network; the prior is the
 shipped one trained without that density when it exists (`checkpoints/prior_without_D.pt`,
 reported as `prior_held_out: true`), else the default prior (`false`: the prior has seen the
 network, only the surrogates have not). The density is not given: it is inferred.
@@ -40,10 +41,14 @@ from xanesdiff.guidance.request import build_terms, compose_generate_config, mak
 from xanesdiff.guidance.validation import predict_members, spectral_match
 
 CHECKPOINTS = xanesdiff.PACKAGE_ROOT / "checkpoints"
-GUIDE_FEATURIZER = {"type": "m3gnet", "backbone": "models/M3GNet-MP-2021.2.8-PES",
-                    "layers": ["gc_1", "gc_2", "gc_3"]}
-JUDGE_FEATURIZER = {"type": "m3gnet", "backbone": "models/M3GNet-MatPES-PBE-v2025.1-PES",
-                    "layers": ["gc_1", "gc_2", "gc_3"]}
+
+
+def recipe_of(checkpoint: str) -> dict:
+    """Featuriser, head and training settings of a shipped surrogate, to retrain it elsewhere."""
+    ckpt = torch.load(CHECKPOINTS / checkpoint, map_location="cpu", weights_only=False)
+    head = {k: v for k, v in ckpt["head_config"].items() if k not in ("in_dim", "n_energies")}
+    return {"featurizer": ckpt["config"]["featurizer"], "head": head,
+            "train": ckpt["config"].get("train")}
 
 
 def generate_config(args, *extra):
@@ -67,8 +72,8 @@ def judged_spectrum(judge, frames) -> np.ndarray:
 
 def held_out_target(dataset, density: float, args) -> dict:
     split = leave_one_density_out(dataset, density)
-    guide = train_surrogate(split.train, dataset.grid, GUIDE_FEATURIZER, {"seed": 0})
-    judge = train_surrogate(split.train, dataset.grid, JUDGE_FEATURIZER, {"seed": 1})
+    guide = train_surrogate(split.train, dataset.grid, **recipe_of("forward_default.pt"))
+    judge = train_surrogate(split.train, dataset.grid, **recipe_of("forward_judge.pt"))
     prior, prior_held_out, prior_name = prior_for(density)
     target = split.test[0].mean_spectrum.astype(np.float64)
     cfg = generate_config(args)
@@ -104,7 +109,7 @@ def steering(args) -> dict:
     generator = make_generator(cfg, prior, surrogate, [term])
     measure = SpectralFeature("intensity", term.window_eV, value=0.0, surrogate=judge)
     plain, steered = [], []
-    for seed in range(args.n_samples):
+    for seed in range(args.steer_samples):
         atoms, _ = generator.generate(args.steer_density, seed, guided=False)
         term.set_reference(torch.as_tensor(predict_members(surrogate, atoms).mean(0)))
         plain.append(atoms)
@@ -116,7 +121,7 @@ def steering(args) -> dict:
             "pi_star_steered": pi[1], "pi_star_gain": pi[1] / pi[0] - 1.0,
             "sp2_unguided": h_plain["sp2"], "sp2_steered": h_steered["sp2"],
             "sp2_change": h_steered["sp2"] - h_plain["sp2"], "cn1": h_steered["cn1"],
-            "n_samples": args.n_samples}
+            "n_samples": args.steer_samples}
 
 
 def main(argv=None) -> None:
@@ -124,6 +129,7 @@ def main(argv=None) -> None:
     parser.add_argument("--held-out", type=float, nargs="+", default=[2.0, 2.5, 3.0])
     parser.add_argument("--n-samples", type=int, default=2)
     parser.add_argument("--steer-density", type=float, default=2.5)
+    parser.add_argument("--steer-samples", type=int, default=2)
     parser.add_argument("--refresh-every", type=int, default=3)
     parser.add_argument("--skip-steering", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few sampler steps (smoke test)")
