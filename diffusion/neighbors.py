@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from xanesdiff.datasets.graph import periodic_neighbor_list
-from xanesdiff.diffusion.schedule import minimum_image
+from xanesdiff.datasets.graph import minimum_image
 
 
 class NeighborListCache:

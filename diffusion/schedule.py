@@ -9,22 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from xanesdiff.datasets.graph import wrap_positions
-
-
-def minimum_image(displacement_A: torch.Tensor, cell_A: torch.Tensor,
-                  batch: torch.Tensor | None = None) -> torch.Tensor:
-    """Minimum-image convention of Cartesian displacements (Å) in a (batched) cell.
-
-    Rounds fractional displacements to the nearest lattice vector; exact for displacements shorter
-    than half the smallest cell height, which holds for every σ used here (σ ≤ 2 Å, cells ≥ 10 Å).
-    """
-    cell = cell_A.reshape(-1, 3, 3)
-    atom_cell = cell[batch] if (batch is not None and cell.shape[0] > 1) else cell[0].expand(
-        displacement_A.shape[0], 3, 3)
-    frac = torch.linalg.solve(atom_cell.transpose(1, 2), displacement_A.unsqueeze(-1)).squeeze(-1)
-    frac = frac - torch.round(frac)
-    return torch.einsum("nk,nkl->nl", frac, atom_cell)
+from xanesdiff.datasets.graph import minimum_image, wrap_positions
 
 
 class VESchedule:

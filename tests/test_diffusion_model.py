@@ -10,7 +10,8 @@ from e3nn import o3
 from xanesdiff.datasets.graph import periodic_graph, wrap_positions
 from xanesdiff.diffusion.loss import dsm_loss
 from xanesdiff.diffusion.neighbors import NeighborListCache
-from xanesdiff.diffusion.schedule import VESchedule, minimum_image
+from xanesdiff.datasets.graph import minimum_image
+from xanesdiff.diffusion.schedule import VESchedule
 from xanesdiff.diffusion.score_model import EquivariantScoreModel
 
 
