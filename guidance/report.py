@@ -80,10 +80,11 @@ def plot_density_scan(path: str | os.PathLike, scan: list[dict], chosen: float) 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for stage, marker in (("coarse", "o"), ("refined", "s")):
+    styles = {"coarse": dict(marker="o"), "refined": dict(marker="s"),
+              "interpolated": dict(lw=1.2), "references": dict(marker="o", ls="none")}
+    for stage in dict.fromkeys(s["stage"] for s in scan):
         pts = sorted((s["density_g_cm3"], s["mae"]) for s in scan if s["stage"] == stage)
-        if pts:
-            ax.plot(*zip(*pts), marker=marker, label=stage)
+        ax.plot(*zip(*pts), label=stage, **styles.get(stage, {}))
     ax.axvline(chosen, color="k", ls="--", lw=1, label=f"chosen {chosen:.2f}")
     ax.set_xlabel("density (g/cm³)")
     ax.set_ylabel("spectrum MAE to target")

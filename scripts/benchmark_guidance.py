@@ -8,7 +8,9 @@ features + radial/angular histograms, seed 0) and the judge (the shipped judge's
 M3GNet-MatPES features, seed 1) are both retrained here without that network; the prior is the
 shipped one trained without that density when it exists (`checkpoints/prior_without_D.pt`,
 reported as `prior_held_out: true`), else the default prior (`false`: the prior has seen the
-network, only the surrogates have not). The density is not given: it is inferred.
+network, only the surrogates have not). The density is not given: it is inferred, by default
+from reference spectra that leave the held-out network out too (`--density-search reference`), or
+by scoring prior samples over a density grid (`--density-search scan`).
 
 Steering: at 2.5 g/cm³ with the shipped models, structures generated with `pi_star_up`
 (π* window intensity ≥ 1.2× the unguided structure's) against unguided structures of the same
@@ -24,6 +26,7 @@ import platform
 import time
 from pathlib import Path
 
+import hydra
 import numpy as np
 import torch
 from omegaconf import OmegaConf
@@ -35,7 +38,6 @@ from xanesdiff.datasets.splits import leave_one_density_out
 from xanesdiff.diffusion.prior import load_prior
 from xanesdiff.forward.surrogate import load_surrogate, train_surrogate
 from xanesdiff.guidance.features import SpectralFeature
-from xanesdiff.guidance.pipeline import DensitySearch
 from xanesdiff.guidance.report import write_json
 from xanesdiff.guidance.request import build_terms, compose_generate_config, make_generator
 from xanesdiff.guidance.validation import predict_members, spectral_match
@@ -53,10 +55,12 @@ def recipe_of(checkpoint: str) -> dict:
 
 def generate_config(args, *extra):
     """The shipped `xanesdiff generate` settings (few sampler steps with --quick)."""
-    quick = ["sampler.n_steps=6", "sampler.n_corrector=1", "sampler.final_corrector_steps=1",
-             "density_search.coarse_g_cm3=[2.0,3.0]"] if args.quick else []
-    return compose_generate_config([*quick, f"guided_score.refresh_every={args.refresh_every}",
-                                    *extra])
+    quick = ["sampler.n_steps=6", "sampler.n_corrector=1", "sampler.final_corrector_steps=1"]
+    if args.quick and args.density_search == "scan":
+        quick.append("density_search.coarse_g_cm3=[2.0,3.0]")
+    return compose_generate_config([*(quick if args.quick else []),
+                                    f"density_search={args.density_search}",
+                                    f"guided_score.refresh_every={args.refresh_every}", *extra])
 
 
 def prior_for(density: float):
@@ -76,11 +80,12 @@ def held_out_target(dataset, density: float, args) -> dict:
     judge = train_surrogate(split.train, dataset.grid, **recipe_of("forward_judge.pt"))
     prior, prior_held_out, prior_name = prior_for(density)
     target = split.test[0].mean_spectrum.astype(np.float64)
-    cfg = generate_config(args)
+    cfg = generate_config(args, *([f"density_search.exclude_g_cm3=[{density}]"]
+                                   if args.density_search == "reference" else []))
     terms = [term.bind(guide, target) for term in build_terms(OmegaConf.merge(
         cfg, {"target": "held-out frame"}))]
     generator = make_generator(cfg, prior, guide, terms)
-    search = DensitySearch(**OmegaConf.to_container(cfg.density_search))
+    search = hydra.utils.instantiate(cfg.density_search, _convert_="all")
     start = time.perf_counter()
     inferred, scan = search.run(generator, target)
     frames = [generator.generate(inferred, seed)[0] for seed in range(args.n_samples)]
@@ -131,12 +136,18 @@ def main(argv=None) -> None:
     parser.add_argument("--steer-density", type=float, default=2.5)
     parser.add_argument("--steer-samples", type=int, default=2)
     parser.add_argument("--refresh-every", type=int, default=3)
+    parser.add_argument("--density-search", choices=["reference", "scan"], default="reference",
+                        help="configs/density_search/ method used to infer the density")
     parser.add_argument("--skip-steering", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few sampler steps (smoke test)")
     parser.add_argument("--out", default="benchmarks/guidance.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
+    if result.get("density_search", args.density_search) != args.density_search:
+        raise SystemExit(f"{out} holds results of density_search={result['density_search']}; "
+                         f"choose another --out")
+    result["density_search"] = args.density_search
     done = {round(t["held_out_density"], 1) for t in result.get("targets", [])}
     import sys
 

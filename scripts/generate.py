@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,7 +60,6 @@ def run(cfg: DictConfig) -> dict:
     from xanesdiff.analysis.structure import structure_report
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.forward.surrogate import load_surrogate
-    from xanesdiff.guidance.pipeline import DensitySearch
     from xanesdiff.guidance.report import (plot_density_scan, plot_spectra, write_extxyz,
                                            write_json)
     from xanesdiff.guidance.target import load_target
@@ -98,11 +98,12 @@ def run(cfg: DictConfig) -> dict:
             saved = json.loads(scan_path.read_text())
             density, scan = saved["inferred_density_g_cm3"], saved["scan"]
         else:
-            search = DensitySearch(**OmegaConf.to_container(cfg.density_search))
+            search = hydra.utils.instantiate(cfg.density_search, _convert_="all")
             density, scan = search.run(generator, target.spectrum, progress=tqdm)
             write_json(scan_path, {"inferred_density_g_cm3": density, "scan": scan})
         plot_density_scan(out / "density_scan.png", scan, density)
-        report["density"] = {"inferred_g_cm3": density, "scan": scan}
+        report["density"] = {"inferred_g_cm3": density, "method": cfg.density_search._target_,
+                             "scan": scan}
     else:
         report["density"] = {"given_g_cm3": density}
 

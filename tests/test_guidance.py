@@ -191,6 +191,34 @@ def test_parabola_minimum_and_density_search():
     assert abs(best - 3.1) < 0.35
 
 
+def test_reference_density_recovers_an_interpolated_target_and_warns_at_the_edge():
+    from xanesdiff.guidance.density import ReferenceCurve, infer_density
+
+    rng = np.random.default_rng(0)
+    spectra = np.cumsum(rng.random((4, 30)), axis=0)      # monotone in density, like sp3 content
+    curve = ReferenceCurve(np.array([3.0, 1.5, 2.0, 2.5]), spectra[[3, 0, 1, 2]])
+    target = 0.4 * spectra[1] + 0.6 * spectra[2]           # 2.0 + 0.6 × 0.5 = 2.3 g/cm³
+    best, scan = infer_density(curve, target)
+    assert best == pytest.approx(2.3, abs=0.011)
+    assert min(s["mae"] for s in scan) < 1e-9
+    with pytest.warns(UserWarning, match="end of their range"):
+        assert infer_density(curve, spectra[3] * 1.1)[0] == pytest.approx(3.0)
+
+
+def test_reference_density_leaves_the_held_out_network_out(a_c_dataset):
+    dataset = a_c_dataset
+    """Each interior network, left out of the references, is placed by the other four."""
+    from xanesdiff.guidance.density import infer_density, reference_curve_from_dataset
+
+    energies = dataset.grid.energies_eV
+    for network in dataset.networks[1:-1]:
+        rho = dataset.network_density(network)
+        curve = reference_curve_from_dataset(dataset, energies, exclude_g_cm3=(rho,))
+        assert len(curve.densities_g_cm3) == len(dataset.networks) - 1
+        frame = dataset.frames_of([network])[0]
+        assert abs(infer_density(curve, frame.mean_spectrum)[0] - rho) < 0.1
+
+
 def test_smooth_rdf_peaks_at_bond_length():
     from ase.build import bulk
 
