@@ -82,6 +82,25 @@ def large_cell(n_atoms: int, n_small: int, n_steps: int) -> dict:
             "note": "guided sampling of 10^4 atoms needs a chunked surrogate (not done)"}
 
 
+def add_sample_estimates(points: list[dict]) -> None:
+    """Whole-sample times (s) of the default `generate` sampler from the measured step times:
+    pc makes n_steps × (1 + n_corrector) + final_corrector_steps + 1 score calls; guided, the
+    guidance is refreshed every `refresh_every` calls (once per pc step) and the other calls
+    cost a prior step."""
+    from xanesdiff.guidance.request import compose_generate_config
+
+    cfg = compose_generate_config([])
+    calls = (cfg.sampler.n_steps * (1 + cfg.sampler.n_corrector)
+             + cfg.sampler.final_corrector_steps + int(cfg.sampler.final_denoise))
+    guided_calls = -(-calls // cfg.guided_score.refresh_every)
+    for p in points:
+        p["sample_s"] = calls * p["step_s"]
+        if "guided_step_s" in p:
+            p["guided_sample_s"] = (guided_calls * p["guided_step_s"]
+                                    + (calls - guided_calls) * p["step_s"])
+        p["sample_s_note"] = f"estimated: {calls} score calls, {guided_calls} of them guided"
+
+
 def main(argv=None) -> None:
     from xanesdiff.guidance.report import write_json
 
@@ -110,6 +129,7 @@ def main(argv=None) -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         points.append(json.loads(out.strip().splitlines()[-1]))
         print(points[-1], flush=True)
+    add_sample_estimates(points)
     atoms = np.array([p["atoms"] for p in points], dtype=float)
     exponent = float(np.polyfit(np.log(atoms), np.log([p["step_s"] for p in points]), 1)[0])
     guided = [p for p in points if "guided_step_s" in p]
