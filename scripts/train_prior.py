@@ -38,6 +38,20 @@ def select_structures(cfg_data) -> tuple[list, list[str]]:
     return [f.atoms for f in frames], excluded
 
 
+def warm_start(score_model, path: str) -> None:
+    """Start from the (EMA) weights of an exported prior; its architecture must match."""
+    from xanesdiff.datasets.errors import XanesdiffInputError
+    from xanesdiff.diffusion.prior import load_prior
+
+    source = load_prior(path).score_model
+    try:
+        score_model.load_state_dict(source.state_dict())
+    except RuntimeError as exc:
+        raise XanesdiffInputError(f"weights do not fit score_model: {str(exc).splitlines()[0]}; "
+                                  f"use the score_model config the prior was trained with",
+                                  str(path)) from None
+
+
 def run(cfg: DictConfig) -> dict:
     import hydra
     import lightning as L
@@ -51,6 +65,8 @@ def run(cfg: DictConfig) -> dict:
     structures, excluded = select_structures(cfg.data)
     schedule = hydra.utils.instantiate(cfg.schedule)
     score_model = hydra.utils.instantiate(cfg.score_model)
+    if cfg.get("init_from"):
+        warm_start(score_model, cfg.init_from)
     tr = cfg.training
     dataset = NoisedStructureDataset(structures, schedule, score_model.cutoff_A,
                                      length=tr.steps_per_epoch * tr.batch_size, t_min=tr.t_min,

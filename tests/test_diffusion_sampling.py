@@ -143,6 +143,19 @@ def test_train_prior_resume_and_sample_cli(tmp_path, assets_root):
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["global_step"] == 5
     assert load_prior(tmp_path / "prior.pt").metadata["global_step"] == 5
 
+    # warm start: with lr 0 the exported weights are exactly those it started from
+    warm = [a for a in common if not a.startswith(("out_dir", "export_path"))] + [
+        f"out_dir={tmp_path}/warm", f"export_path={tmp_path}/warm.pt", "training.lr=0"]
+    started = _cli("train-prior", "training.max_steps=2", f"init_from={tmp_path}/prior.pt",
+                   *warm, cwd=tmp_path)
+    assert started.returncode == 0, started.stderr[-3000:]
+    source = load_prior(tmp_path / "prior.pt").score_model.state_dict()
+    for name, value in load_prior(tmp_path / "warm.pt").score_model.state_dict().items():
+        assert torch.equal(value, source[name]), name
+    misfit = _cli("train-prior", "training.max_steps=1", f"init_from={tmp_path}/prior.pt",
+                  *[a for a in warm if a != "score_model=tiny"], cwd=tmp_path)
+    assert misfit.returncode == 2 and "weights do not fit score_model" in misfit.stderr
+
     out = tmp_path / "samples"
     sample = _cli("sample", "density=2.0", "n=2", "n_atoms=40", "seed=3",
                   f"checkpoint={tmp_path}/prior.pt", f"out={out}", "sampler=em",
