@@ -30,7 +30,8 @@ def build_terms(cfg: DictConfig) -> list:
                 available = sorted(p.stem for p in path.parent.glob("*.yaml"))
                 raise XanesdiffInputError(f"no steer named {name!r}; available: {available}",
                                           "steer")
-            specs[name] = OmegaConf.load(path)
+            # settings given under guidance.NAME (e.g. guidance=[NAME] with overrides) win
+            specs[name] = OmegaConf.merge(OmegaConf.load(path), specs.get(name) or {})
     if cfg.target is None:
         specs.pop("spectrum", None)
     if not specs:

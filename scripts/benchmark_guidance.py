@@ -60,7 +60,8 @@ def generate_config(args, *extra):
         quick.append("density_search.coarse_g_cm3=[2.0,3.0]")
     return compose_generate_config([*(quick if args.quick else []),
                                     f"density_search={args.density_search}",
-                                    f"guided_score.refresh_every={args.refresh_every}", *extra])
+                                    f"guided_score.refresh_every={args.refresh_every}", *extra,
+                                    *args.set])
 
 
 def prior_for(density: float):
@@ -131,13 +132,15 @@ def steering(args) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--held-out", type=float, nargs="+", default=[2.0, 2.5, 3.0])
+    parser.add_argument("--held-out", type=float, nargs="*", default=[2.0, 2.5, 3.0])
     parser.add_argument("--n-samples", type=int, default=2)
     parser.add_argument("--steer-density", type=float, default=2.5)
     parser.add_argument("--steer-samples", type=int, default=2)
     parser.add_argument("--refresh-every", type=int, default=3)
     parser.add_argument("--density-search", choices=["reference", "scan"], default="reference",
                         help="configs/density_search/ method used to infer the density")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra generate-config overrides, e.g. guidance.pi_star_up.schedule.strength=10")
     parser.add_argument("--skip-steering", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few sampler steps (smoke test)")
     parser.add_argument("--out", default="benchmarks/guidance.json")

@@ -226,3 +226,13 @@ def test_smooth_rdf_peaks_at_bond_length():
     r = torch.linspace(1.0, 2.0, 101, dtype=torch.float64)
     g = smooth_rdf(torch.tensor(diamond.positions), torch.tensor(diamond.cell.array), r, 0.03)
     assert float(r[int(torch.argmax(g))]) == pytest.approx(1.545, abs=0.015)
+
+
+def test_steer_term_takes_settings_given_under_its_name():
+    from xanesdiff.guidance.request import build_terms, compose_generate_config
+
+    plain = build_terms(compose_generate_config(["steer=pi_star_up"]))
+    tuned = build_terms(compose_generate_config(
+        ["steer=pi_star_up", "guidance=[pi_star_up]", "guidance.pi_star_up.schedule.strength=7"]))
+    assert [t.name for t in plain] == [t.name for t in tuned] == ["pi_star_up"]
+    assert plain[0].schedule.strength == 1.0 and tuned[0].schedule.strength == 7.0
