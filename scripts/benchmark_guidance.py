@@ -126,7 +126,9 @@ def steering(args) -> dict:
     return {"density_g_cm3": args.steer_density, "pi_star_unguided": pi[0],
             "pi_star_steered": pi[1], "pi_star_gain": pi[1] / pi[0] - 1.0,
             "sp2_unguided": h_plain["sp2"], "sp2_steered": h_steered["sp2"],
-            "sp2_change": h_steered["sp2"] - h_plain["sp2"], "cn1": h_steered["cn1"],
+            "sp2_change": h_steered["sp2"] - h_plain["sp2"],
+            "sp_change": h_steered["sp"] - h_plain["sp"],
+            "sp3_change": h_steered["sp3"] - h_plain["sp3"], "cn1": h_steered["cn1"],
             "n_samples": args.steer_samples}
 
 

@@ -235,4 +235,4 @@ def test_steer_term_takes_settings_given_under_its_name():
     tuned = build_terms(compose_generate_config(
         ["steer=pi_star_up", "guidance=[pi_star_up]", "guidance.pi_star_up.schedule.strength=7"]))
     assert [t.name for t in plain] == [t.name for t in tuned] == ["pi_star_up"]
-    assert plain[0].schedule.strength == 1.0 and tuned[0].schedule.strength == 7.0
+    assert plain[0].schedule.strength == 100.0 and tuned[0].schedule.strength == 7.0
