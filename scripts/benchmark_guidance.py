@@ -65,7 +65,7 @@ def generate_config(args, *extra):
 
 
 def prior_for(density: float):
-    path = CHECKPOINTS / f"prior_without_{density:g}.pt"
+    path = CHECKPOINTS / f"prior_without_{density:.1f}.pt"
     if path.exists():
         return load_prior(path), True, path.name
     return load_prior(), False, "prior_default.pt"
