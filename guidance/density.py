@@ -75,9 +75,15 @@ class ReferenceDensity:
 
     def curve(self, energies_eV: np.ndarray) -> ReferenceCurve:
         from xanesdiff.datasets.dataset import load_dataset
+        from xanesdiff.datasets.errors import MissingAssetError
 
-        return reference_curve_from_dataset(load_dataset(self.dataset), energies_eV,
-                                            tuple(self.exclude_g_cm3))
+        try:
+            dataset = load_dataset(self.dataset)
+        except MissingAssetError as exc:
+            raise MissingAssetError(f"{exc} The density is inferred from these reference "
+                                    f"spectra: give density=… or density_search=scan to do "
+                                    f"without them.") from None
+        return reference_curve_from_dataset(dataset, energies_eV, tuple(self.exclude_g_cm3))
 
     def run(self, generator, target: np.ndarray, progress=None) -> tuple[float, list[dict]]:
         """(density in g/cm³, scan rows {density_g_cm3, mae, stage}); `generator` supplies the

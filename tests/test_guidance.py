@@ -236,3 +236,11 @@ def test_steer_term_takes_settings_given_under_its_name():
         ["steer=pi_star_up", "guidance=[pi_star_up]", "guidance.pi_star_up.schedule.strength=7"]))
     assert [t.name for t in plain] == [t.name for t in tuned] == ["pi_star_up"]
     assert plain[0].schedule.strength == 100.0 and tuned[0].schedule.strength == 7.0
+
+
+def test_reference_density_without_reference_data_says_how_to_do_without(tmp_path):
+    from xanesdiff.datasets.errors import MissingAssetError
+    from xanesdiff.guidance.density import ReferenceDensity
+
+    with pytest.raises(MissingAssetError, match="density_search=scan"):
+        ReferenceDensity(dataset=str(tmp_path / "nowhere")).curve(np.linspace(280, 300, 10))
