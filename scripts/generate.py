@@ -45,9 +45,9 @@ def check_out_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
                 f"{fingerprint}); choose another out=… or pass overwrite=true", "out")
     for leftover in [*out.glob(".*.tmp*"), *(out / "samples").glob(".*.tmp*")]:
         leftover.unlink()  # half-written files of a killed run: never read, never kept
-    if overwrite:
-        for stale in (out / "samples").glob("sample_*.extxyz"):
-            stale.unlink()
+    if overwrite:  # finished work of the previous request must not leak into this one
+        for stale in [*(out / "samples").glob("sample_*.extxyz"), out / "density_scan.json"]:
+            stale.unlink(missing_ok=True)
     atomic_write_text(marker, json.dumps({"fingerprint": fingerprint}) + "\n")
 
 
