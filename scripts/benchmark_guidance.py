@@ -95,7 +95,8 @@ def held_out_target(dataset, density: float, args) -> dict:
     true = hybridization_fractions([f.atoms for f in split.test])
     guide_pred = np.mean([predict_members(guide, a).mean(0) for a in frames], axis=0)
     return {"held_out_density": round(float(np.mean([f.density_g_cm3 for f in split.test])), 3),
-            "inferred_density": inferred, "density_scan": scan,
+            "inferred_density": inferred,
+            "density_scan": [s for s in scan if s["stage"] != "interpolated"],  # keep it short
             "sp3": generated["sp3"], "sp3_true": true["sp3"],
             "sp3_err": abs(generated["sp3"] - true["sp3"]), "cn1": generated["cn1"],
             "judged_mae": spectral_match(judged, target)["mae"],
