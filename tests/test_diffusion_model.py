@@ -63,6 +63,24 @@ def test_rotation_translation_permutation_equivariance(cell_and_pos):
     assert rel_err(out_inv, -ref) < 1e-5
 
 
+def test_edge_blocks_give_the_same_scores_and_gradients(cell_and_pos, monkeypatch):
+    from xanesdiff.diffusion.score_model import Interaction
+
+    cell, pos, numbers = cell_and_pos
+    model = small_model()
+    g = periodic_graph(pos, cell, numbers, model.cutoff_A)
+    results = []
+    for block in (10 ** 9, 37):  # one block for all edges, then many ragged ones
+        monkeypatch.setattr(Interaction, "edge_block", block)
+        x = pos.clone().requires_grad_(True)
+        out = model(x, cell.unsqueeze(0), numbers, torch.tensor(0.3, dtype=pos.dtype),
+                    g.edge_index, g.edge_shift.double())
+        (grad,) = torch.autograd.grad((out ** 2).sum(), x)
+        results.append((out.detach(), grad))
+    assert rel_err(results[1][0], results[0][0]) < 1e-12
+    assert rel_err(results[1][1], results[0][1]) < 1e-12
+
+
 def test_periodic_images_give_same_scores(cell_and_pos):
     cell, pos, numbers = cell_and_pos
     model = small_model()
