@@ -53,6 +53,21 @@ class XasDataset:
     def network_density(self, network: str) -> float:
         return float(np.mean([f.density_g_cm3 for f in self.frames if f.network == network]))
 
+    def networks_at(self, densities_g_cm3, tol_g_cm3: float = 0.1,
+                    field: str = "exclude_densities") -> list[str]:
+        """The one network within `tol_g_cm3` of each density (g/cm³); a density that matches
+        none or several is an error naming `field`."""
+        found = []
+        for rho in densities_g_cm3:
+            matches = [n for n in self.networks
+                       if abs(self.network_density(n) - float(rho)) <= tol_g_cm3]
+            if len(matches) != 1:
+                available = ", ".join(f"{self.network_density(n):.2f}" for n in self.networks)
+                raise XanesdiffInputError(f"density {rho} matches {len(matches)} networks; "
+                                          f"available: {available}", field)
+            found += matches
+        return found
+
     def frames_of(self, networks) -> list[Frame]:
         wanted = set(networks)
         return [f for f in self.frames if f.network in wanted]

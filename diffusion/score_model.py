@@ -92,7 +92,8 @@ class Interaction(nn.Module):
         self.norm = 1.0 / math.sqrt(avg_neighbors)
 
     # Edges are processed in blocks: memory stays bounded on large cells and each block's
-    # working set stays cache-sized (10^4 atoms: 1.4 s -> 0.85 s per score call, 2 threads).
+    # working set stays cache-sized (10^4 atoms: 1.95 s -> 0.97 s per score call, 2 threads;
+    # benchmarks/scale.json).
     edge_block = 16384
 
     def forward(self, h, edge_sh, edge_features, edge_envelope, edge_index):

@@ -4,7 +4,7 @@ The reference networks' mean spectra (g/cm³ → spectrum) are joined piecewise 
 density whose interpolated spectrum is closest (MAE) to the target is the estimate. Leaving each
 interior a-C network out in turn, the other four place it within 0.06 g/cm³; scoring samples of
 the prior instead (`DensitySearch`, `density_search=scan`) inherits the prior's own spectral bias
-and lands 0.3–0.7 g/cm³ too high (benchmarks/guidance.json has both).
+and lands 0.3–0.7 g/cm³ too high (benchmarks/guidance.json, benchmarks/guidance_scan.json).
 """
 
 from __future__ import annotations
@@ -48,17 +48,15 @@ def reference_curve_from_dataset(dataset, energies_eV: np.ndarray,
                                  exclude_g_cm3: tuple = (), tolerance_g_cm3: float = 0.1
                                  ) -> ReferenceCurve:
     """One reference per network of `dataset` (mean over its frames), interpolated onto
-    `energies_eV`; networks within `tolerance_g_cm3` of a density in `exclude_g_cm3` are left out
-    (leave-one-density-out benchmarks)."""
+    `energies_eV`; the network at each density of `exclude_g_cm3` (within `tolerance_g_cm3`) is
+    left out (leave-one-density-out benchmarks)."""
+    excluded = set(dataset.networks_at(exclude_g_cm3, tolerance_g_cm3,
+                                       "density_search.exclude_g_cm3"))
     densities, spectra = [], []
-    grid = dataset.grid.energies_eV
-    for network in dataset.networks:
-        rho = dataset.network_density(network)
-        if any(abs(rho - float(x)) < tolerance_g_cm3 for x in exclude_g_cm3):
-            continue
+    for network in [n for n in dataset.networks if n not in excluded]:
         mean = np.mean([f.mean_spectrum for f in dataset.frames_of([network])], axis=0)
-        densities.append(rho)
-        spectra.append(np.interp(energies_eV, grid, mean))
+        densities.append(dataset.network_density(network))
+        spectra.append(np.interp(energies_eV, dataset.grid.energies_eV, mean))
     return ReferenceCurve(np.array(densities), np.array(spectra))
 
 

@@ -143,7 +143,7 @@ def main(argv=None) -> None:
     parser.add_argument("--density-search", choices=["reference", "scan"], default="reference",
                         help="configs/density_search/ method used to infer the density")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="extra generate-config overrides, e.g. guidance.pi_star_up.schedule.strength=10")
+                        help="extra generate-config overrides, e.g. guided_score.max_ratio=4")
     parser.add_argument("--skip-steering", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few sampler steps (smoke test)")
     parser.add_argument("--out", default="benchmarks/guidance.json")

@@ -95,10 +95,11 @@ def add_sample_estimates(points: list[dict]) -> None:
     guided_calls = -(-calls // cfg.guided_score.refresh_every)
     for p in points:
         p["sample_s"] = calls * p["step_s"]
+        p["sample_s_note"] = f"estimated: {calls} score calls"
         if "guided_step_s" in p:
             p["guided_sample_s"] = (guided_calls * p["guided_step_s"]
                                     + (calls - guided_calls) * p["step_s"])
-        p["sample_s_note"] = f"estimated: {calls} score calls, {guided_calls} of them guided"
+            p["sample_s_note"] += f", {guided_calls} of them guided when guided"
 
 
 def main(argv=None) -> None:

@@ -26,16 +26,8 @@ def select_frames(cfg_data) -> tuple[list, list[str], object]:
     from xanesdiff.datasets.errors import XanesdiffInputError
 
     dataset = load_dataset(root=cfg_data.root, asset=cfg_data.asset)
-    excluded = []
-    for rho in cfg_data.exclude_densities or []:
-        matches = [n for n in dataset.networks
-                   if abs(dataset.network_density(n) - float(rho)) <= cfg_data.density_tol_g_cm3]
-        if len(matches) != 1:
-            available = ", ".join(f"{dataset.network_density(n):.2f}" for n in dataset.networks)
-            raise XanesdiffInputError(
-                f"exclude density {rho} matches {len(matches)} networks; available: {available}",
-                "data.exclude_densities")
-        excluded += matches
+    excluded = dataset.networks_at(cfg_data.exclude_densities or [],
+                                   cfg_data.density_tol_g_cm3, "data.exclude_densities")
     frames = [f for f in dataset.frames if f.network not in excluded]
     if not frames:
         raise XanesdiffInputError("every network is excluded; nothing to train on",

@@ -22,18 +22,8 @@ def select_structures(cfg_data) -> tuple[list, list[str]]:
     from xanesdiff.datasets.dataset import load_dataset
 
     dataset = load_dataset(root=cfg_data.root, asset=cfg_data.asset)
-    excluded = []
-    for rho in cfg_data.exclude_densities or []:
-        matches = [n for n in dataset.networks
-                   if abs(dataset.network_density(n) - float(rho)) <= cfg_data.density_tol_g_cm3]
-        if len(matches) != 1:
-            from xanesdiff.datasets.errors import XanesdiffInputError
-
-            available = ", ".join(f"{dataset.network_density(n):.2f}" for n in dataset.networks)
-            raise XanesdiffInputError(
-                f"exclude density {rho} matches {len(matches)} networks; available: {available}",
-                "data.exclude_densities")
-        excluded += matches
+    excluded = dataset.networks_at(cfg_data.exclude_densities or [],
+                                   cfg_data.density_tol_g_cm3, "data.exclude_densities")
     frames = [f for f in dataset.frames if f.network not in excluded]
     return [f.atoms for f in frames], excluded
 

@@ -190,3 +190,12 @@ def test_missing_dataset_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
     with pytest.raises(MissingAssetError, match="data/a-C"):
         load_dataset()
+
+
+def test_networks_at_densities_and_a_density_matching_none(a_c_dataset):
+    from xanesdiff.datasets.errors import XanesdiffInputError
+
+    assert a_c_dataset.networks_at([2.0, 3.5]) == ["rho2.00", "rho3.49"]
+    with pytest.raises(XanesdiffInputError, match="density 2.7 matches 0 networks") as err:
+        a_c_dataset.networks_at([2.7], field="data.exclude_densities")
+    assert "data.exclude_densities" in str(err.value)
