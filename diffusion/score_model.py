@@ -1,7 +1,9 @@
 """E(3)-equivariant score model on the periodic radius graph (e3nn, NequIP-style convolutions).
 
 Node input: a species embedding (any element, multi-element ready) plus an embedding of the noise
-level σ. Each interaction layer: spherical harmonics of the edge direction, a radial basis
+level σ and, optionally, of the cell's mass density (g/cm³, from the cell volume and the atoms'
+masses: one number per cell, so the cost per atom stays the same in cells of any size). Each
+interaction layer: spherical harmonics of the edge direction, a radial basis
 (Bessel × smooth cutoff envelope) concatenated with the σ embedding, an MLP giving per-edge
 tensor-product weights, a channel-wise ('uvu') tensor product, a sum over neighbours, a linear
 mix, a gated nonlinearity and a residual. Output: one vector (1o) per atom, the score times σ
@@ -56,6 +58,36 @@ class NoiseEmbedding(nn.Module):
     def forward(self, sigma_A: torch.Tensor) -> torch.Tensor:
         x = torch.log(sigma_A.clamp_min(1e-6)).unsqueeze(-1)
         return torch.exp(-0.5 * ((x - self.centers) / self.width) ** 2)
+
+
+class DensityEmbedding(nn.Module):
+    """Per-atom features of its cell's mass density (g/cm³): Gaussians on a grid, then a small MLP
+    whose last layer starts at zero, so adding it to a trained model leaves the model unchanged."""
+
+    def __init__(self, n_features: int, n_out: int, density_min: float = 1.0,
+                 density_max: float = 4.0):
+        super().__init__()
+        from ase.data import atomic_masses
+
+        self.register_buffer("centers", torch.linspace(density_min, density_max, n_features))
+        self.width = (density_max - density_min) / (n_features - 1)
+        self.register_buffer("masses_amu", torch.as_tensor(atomic_masses, dtype=torch.float32),
+                             persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(n_features, n_out), nn.SiLU(), nn.Linear(n_out, n_out))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    @staticmethod
+    def cell_density_g_cm3(masses_amu, cell, batch):
+        """Mass density (B,) in g/cm³ of each cell: masses (N,) amu, cell (B,3,3) Å, batch (N,)."""
+        total = masses_amu.new_zeros(cell.shape[0]).index_add(0, batch, masses_amu)
+        return total / torch.linalg.det(cell).abs() * 1.66053906660  # amu/Å³ -> g/cm³
+
+    def forward(self, numbers, cell, batch):
+        masses = self.masses_amu.to(cell.dtype)[numbers.clamp(0, self.masses_amu.numel() - 1)]
+        rho = self.cell_density_g_cm3(masses, cell, batch)[batch]
+        feats = torch.exp(-0.5 * ((rho.unsqueeze(-1) - self.centers) / self.width) ** 2)
+        return self.mlp(feats)
 
 
 class Interaction(nn.Module):
@@ -116,18 +148,18 @@ class EquivariantScoreModel(nn.Module):
 
     `forward(pos (N,3) Å, cell (B,3,3) Å, numbers (N,), sigma (N,) Å or scalar, edge_index (2,E),
     edge_shift (E,3), batch (N,)) -> (N,3)` score in 1/Å. Constructor arguments are what a
-    checkpoint stores (`config()`).
+    checkpoint stores (`config()`). `n_density_features > 0` conditions on the cell's density.
     """
 
     def __init__(self, cutoff_A: float = 3.5, irreps_hidden: str = "32x0e + 16x1o + 8x1e",
                  n_layers: int = 3, lmax: int = 2, n_species: int = 100, n_basis: int = 8,
                  n_noise_features: int = 16, radial_hidden: int = 48,
-                 avg_neighbors: float = 20.0):
+                 avg_neighbors: float = 20.0, n_density_features: int = 0):
         super().__init__()
         self._config = dict(cutoff_A=cutoff_A, irreps_hidden=irreps_hidden, n_layers=n_layers,
                             lmax=lmax, n_species=n_species, n_basis=n_basis,
                             n_noise_features=n_noise_features, radial_hidden=radial_hidden,
-                            avg_neighbors=avg_neighbors)
+                            avg_neighbors=avg_neighbors, n_density_features=n_density_features)
         self.cutoff_A = float(cutoff_A)
         hidden = o3.Irreps(irreps_hidden)
         n_scalars = sum(m for m, ir in hidden if ir == o3.Irrep("0e"))
@@ -136,6 +168,8 @@ class EquivariantScoreModel(nn.Module):
         self.noise_embedding = NoiseEmbedding(n_noise_features)
         self.noise_mlp = FullyConnectedNet([n_noise_features, n_scalars, n_scalars],
                                            torch.nn.functional.silu)
+        self.density_embedding = (DensityEmbedding(n_density_features, n_scalars)
+                                  if n_density_features else None)
         self.basis = BesselBasis(cutoff_A, n_basis)
         n_edge = n_basis + n_noise_features
         layers = []
@@ -168,6 +202,8 @@ class EquivariantScoreModel(nn.Module):
         envelope = self.basis.envelope(length)
         h = self.species_embedding(numbers.clamp(0, self.species_embedding.num_embeddings - 1))
         h = h + self.noise_mlp(noise_feat)
+        if self.density_embedding is not None:
+            h = h + self.density_embedding(numbers, cell.to(pos.dtype), batch)
         for layer in self.layers:
             h = layer(h, edge_sh, edge_features, envelope, edge_index)
         return self.readout(h) / sigma_atom.unsqueeze(-1)

@@ -29,13 +29,17 @@ def select_structures(cfg_data) -> tuple[list, list[str]]:
 
 
 def warm_start(score_model, path: str) -> None:
-    """Start from the (EMA) weights of an exported prior; its architecture must match."""
+    """Start from the (EMA) weights of an exported prior; its architecture must match, except
+    that a density embedding the source lacks is added (it starts at zero: same scores)."""
     from xanesdiff.datasets.errors import XanesdiffInputError
     from xanesdiff.diffusion.prior import load_prior
 
     source = load_prior(path).score_model
     try:
-        score_model.load_state_dict(source.state_dict())
+        missing, unexpected = score_model.load_state_dict(source.state_dict(), strict=False)
+        not_new = [k for k in missing if not k.startswith("density_embedding.")]
+        if not_new or unexpected:
+            raise RuntimeError(f"missing keys {not_new[:3]}, unexpected keys {unexpected[:3]}")
     except RuntimeError as exc:
         raise XanesdiffInputError(f"weights do not fit score_model: {str(exc).splitlines()[0]}; "
                                   f"use the score_model config the prior was trained with",

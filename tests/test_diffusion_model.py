@@ -63,6 +63,60 @@ def test_rotation_translation_permutation_equivariance(cell_and_pos):
     assert rel_err(out_inv, -ref) < 1e-5
 
 
+def density_conditioned_model():
+    """A model whose density embedding is switched on (its last layer is random, not zero)."""
+    model = small_model(n_density_features=6)
+    torch.nn.init.normal_(model.density_embedding.mlp[-1].weight, std=0.5)
+    return model
+
+
+def test_density_conditioned_model_is_equivariant_and_uses_each_cells_density(cell_and_pos):
+    cell, pos, numbers = cell_and_pos
+    model = density_conditioned_model()
+    ref = scores(model, pos, cell, numbers)
+    torch.manual_seed(5)
+    rot = o3.rand_matrix().double()
+    assert rel_err(scores(model, pos @ rot.T, cell @ rot.T, numbers), ref @ rot.T) < 1e-5
+    # the density features change the scores (the same model with the embedding zeroed differs)
+    blind = density_conditioned_model()
+    torch.nn.init.zeros_(blind.density_embedding.mlp[-1].weight)
+    assert rel_err(scores(blind, pos, cell, numbers), ref) > 1e-3
+    big_cell = cell * 1.6
+    # in a batch, each cell is conditioned on its own density
+    from xanesdiff.datasets.graph import periodic_graph as graph
+
+    g1, g2 = graph(pos, cell, numbers, 3.0), graph(pos, big_cell, numbers, 3.0)
+    n = len(pos)
+    edge_index = torch.cat([g1.edge_index, g2.edge_index + n], dim=1)
+    edge_shift = torch.cat([g1.edge_shift, g2.edge_shift]).double()
+    batch = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)])
+    both = model(torch.cat([pos, pos]), torch.stack([cell, big_cell]), numbers.repeat(2),
+                 torch.tensor(0.3, dtype=torch.float64), edge_index, edge_shift, batch)
+    assert rel_err(both[:n], ref) < 1e-10
+    assert rel_err(both[n:], scores(model, pos, big_cell, numbers)) < 1e-10
+
+
+def test_cell_density_is_the_mass_density_in_g_cm3():
+    from ase.build import bulk
+
+    from xanesdiff.diffusion.score_model import DensityEmbedding
+
+    diamond = bulk("C", "diamond", a=3.567, cubic=True)
+    rho = DensityEmbedding.cell_density_g_cm3(
+        torch.as_tensor(diamond.get_masses()), torch.as_tensor(diamond.cell.array).unsqueeze(0),
+        torch.zeros(len(diamond), dtype=torch.long))
+    assert float(rho) == pytest.approx(3.516, abs=2e-3)
+
+
+def test_a_new_density_embedding_leaves_a_trained_model_unchanged(cell_and_pos):
+    cell, pos, numbers = cell_and_pos
+    plain = small_model()
+    conditioned = small_model(n_density_features=6)
+    missing, unexpected = conditioned.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("density_embedding.") for k in missing)
+    assert rel_err(scores(conditioned, pos, cell, numbers), scores(plain, pos, cell, numbers)) == 0
+
+
 def test_edge_blocks_give_the_same_scores_and_gradients(cell_and_pos, monkeypatch):
     from xanesdiff.diffusion.score_model import Interaction
 
