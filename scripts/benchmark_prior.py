@@ -91,6 +91,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from xanesdiff.runtime import keep_freed_memory
+
+    keep_freed_memory()
     import torch
 
     from xanesdiff.datasets.dataset import load_dataset

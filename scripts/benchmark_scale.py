@@ -103,6 +103,9 @@ def add_sample_estimates(points: list[dict]) -> None:
 
 
 def main(argv=None) -> None:
+    from xanesdiff.runtime import keep_freed_memory
+
+    keep_freed_memory()
     from xanesdiff.guidance.report import write_json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
