@@ -232,3 +232,20 @@ def test_noised_dataset_draws_noise_levels_in_range_and_targets_match_positions(
     assert any(float(minimum_image(clean - wrap_positions(o, item.cell), item.cell).abs().max())
                < 1e-3 for o in originals if o.shape == clean.shape)
     assert data[5].edge_index.shape[1] > 0
+
+
+def test_warm_start_adds_a_density_embedding_but_refuses_other_mismatches(tmp_path):
+    from xanesdiff.datasets.errors import XanesdiffInputError
+    from xanesdiff.diffusion.prior import save_prior
+    from xanesdiff.scripts.train_prior import warm_start
+
+    plain = small_model().float()
+    save_prior(tmp_path / "plain.pt", plain, VESchedule())
+    conditioned = EquivariantScoreModel(**{**plain.config(), "n_density_features": 6})
+    warm_start(conditioned, str(tmp_path / "plain.pt"))
+    state = conditioned.state_dict()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(state[name], value), name
+    wider = EquivariantScoreModel(**{**plain.config(), "irreps_hidden": "12x0e + 4x1o + 2x1e"})
+    with pytest.raises(XanesdiffInputError, match="do not fit"):
+        warm_start(wider, str(tmp_path / "plain.pt"))
