@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import sys
+from pathlib import Path
 
 
 def renoise(prior, frames: list, t: float, sampler, seed: int) -> list:
@@ -81,6 +82,7 @@ def main(argv=None) -> None:
 
     from xanesdiff.analysis.structure import hybridization_fractions
     from xanesdiff.datasets.dataset import load_dataset
+    from xanesdiff.datasets.spectra_io import atomic_write_text
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.diffusion.sampling import default_sampler
     from xanesdiff.guidance.report import write_json
@@ -88,7 +90,6 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     prior = load_prior(args.checkpoint)
     dataset = load_dataset()
-    base = default_sampler(prior.schedule)
     keys = ("sp3", "sp2", "cn5plus", "cn1")
     networks = {}
     for network in dataset.networks:
@@ -97,10 +98,8 @@ def main(argv=None) -> None:
         ref = hybridization_fractions(frames)
         row = {"reference": {k: ref[k] for k in keys}}
         for t in args.t:
-            sampler = type(base)(prior.schedule, n_steps=max(10, round(base.n_steps * t)),
-                                 n_corrector=base.n_corrector, corrector_snr=base.corrector_snr,
-                                 t_start=t, t_end=base.t_end,
-                                 final_corrector_steps=base.final_corrector_steps)
+            sampler = default_sampler(prior.schedule)  # started at t, same step density
+            sampler.t_start, sampler.n_steps = t, max(10, round(sampler.n_steps * t))
             h = hybridization_fractions(renoise(prior, frames, t, sampler, args.seed))
             row[str(t)] = {k: h[k] for k in keys}
             print(rho, t, row[str(t)], flush=True)
@@ -114,11 +113,7 @@ def main(argv=None) -> None:
               "machine": f"{platform.machine()}, {args.threads} torch thread(s)"}
     write_json(args.out, result)
     md = markdown(result)
-    from pathlib import Path
-
-    tmp = Path(args.out).with_suffix(".md.tmp")
-    tmp.write_text(md)
-    tmp.replace(Path(args.out).with_suffix(".md"))
+    atomic_write_text(Path(args.out).with_suffix(".md"), md)
     print(md)
 
 
