@@ -38,12 +38,13 @@ def warm_start(score_model, path: str) -> None:
     try:
         missing, unexpected = score_model.load_state_dict(source.state_dict(), strict=False)
         not_new = [k for k in missing if not k.startswith("density_embedding.")]
-        if not_new or unexpected:
-            raise RuntimeError(f"missing keys {not_new[:3]}, unexpected keys {unexpected[:3]}")
-    except RuntimeError as exc:
-        raise XanesdiffInputError(f"weights do not fit score_model: {str(exc).splitlines()[0]}; "
-                                  f"use the score_model config the prior was trained with",
-                                  str(path)) from None
+        problem = (f"missing keys {not_new[:3]}, unexpected keys {unexpected[:3]}"
+                   if not_new or unexpected else None)
+    except RuntimeError as exc:  # a parameter of another shape
+        problem = str(exc).splitlines()[0]
+    if problem:
+        raise XanesdiffInputError(f"weights do not fit score_model: {problem}; use the "
+                                  f"score_model config the prior was trained with", str(path))
 
 
 def run(cfg: DictConfig) -> dict:
