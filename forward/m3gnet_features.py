@@ -8,7 +8,9 @@ Output is (N, F): the node features of the chosen M3GNet layers, concatenated in
 Layers (M3GNet, 3 blocks, cutoff 5 Å): ``embedding`` is the element embedding only (constant
 for a one-element system), ``gc_1``/``gc_2``/``gc_3`` are node features after each graph block
 (receptive field 5/10/15 Å). ``edge_gc_k`` is the mean over an atom's bonds (within the 5 Å
-graph) of the edge features after block k.
+graph) of the edge features after block k. Only the blocks the chosen layers need are run, and
+large cells that will be differentiated recompute block intermediates in the backward pass
+(`RECOMPUTE_MIN_ATOMS`) so that guidance on 10⁴ atoms fits in memory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from xanesdiff.datasets.graph import periodic_neighbor_list
 
 DEFAULT_BACKBONE = "models/M3GNet-MP-2021.2.8-PES"
 DEFAULT_LAYERS = ("gc_1", "gc_2", "gc_3")
+RECOMPUTE_MIN_ATOMS = 1500
+"""From this many atoms on, a forward pass that will be differentiated keeps only each block's
+inputs and recomputes the rest in the backward pass: ≈2.4 → 1.1 MB per atom, ≈25 % slower."""
+TRIPLES_PER_CHUNK = 2**18
+"""Three-body basis computed (and recomputed) in chunks of this many bond pairs."""
 
 
 def load_m3gnet(model_dir: str | os.PathLike) -> nn.Module:
@@ -40,8 +47,11 @@ def load_m3gnet(model_dir: str | os.PathLike) -> nn.Module:
             "<assets>/models/M3GNet-MP-2021.2.8-PES", str(model_dir))
     loaded = matgl.load_model(str(model_dir))
     model = getattr(loaded, "model", loaded)
-    if not hasattr(model, "feature_dict") and not hasattr(model, "graph_layers"):
+    if not hasattr(model, "three_body_interactions") or not hasattr(model, "graph_layers"):
         raise XanesdiffInputError(f"model is a {type(model).__name__}, expected M3GNet",
+                                  str(model_dir))
+    if getattr(model, "include_state", False):
+        raise XanesdiffInputError("M3GNet models with a global state input are not supported",
                                   str(model_dir))
     return model
 
@@ -55,8 +65,10 @@ class M3GNetFeaturizer(nn.Module):
         trainable: if False (default) the backbone is frozen and always stays in eval mode.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, layers=DEFAULT_LAYERS, trainable: bool = False):
+    def __init__(self, model_dir: str | os.PathLike, layers=DEFAULT_LAYERS, trainable: bool = False,
+                 recompute_min_atoms: int = RECOMPUTE_MIN_ATOMS):
         super().__init__()
+        self.recompute_min_atoms = int(recompute_min_atoms)
         self.model_dir = str(model_dir)
         self.layers = tuple(layers)
         self.m3gnet = load_m3gnet(model_dir)
@@ -73,6 +85,8 @@ class M3GNetFeaturizer(nn.Module):
         unknown = [name for name in self.layers if name not in known]
         if unknown:
             raise XanesdiffInputError(f"unknown M3GNet layer(s) {unknown}; choose from {sorted(known)}")
+        self._n_blocks_needed = max(
+            [0] + [int(name[-1]) for name in self.layers if name != "embedding"])
         self.set_trainable(self.trainable)
         self._feature_dim = int(self._probe().shape[1])
 
@@ -124,8 +138,6 @@ class M3GNetFeaturizer(nn.Module):
 
     def forward(self, pos: torch.Tensor, cell: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         """Per-atom features (N, F) for positions `pos` (N,3) Å, cell (3,3) Å, numbers (N,)."""
-        from types import SimpleNamespace
-
         cell = cell.reshape(3, 3).to(pos.dtype)
         numbers = torch.as_tensor(numbers, device=pos.device).long()
         node_type = self._type_of_z.to(pos.device)[numbers]
@@ -133,22 +145,21 @@ class M3GNetFeaturizer(nn.Module):
             bad = sorted(set(numbers[node_type < 0].tolist()))
             raise XanesdiffInputError(f"atomic numbers {bad} are not covered by {self.model_dir}")
         edge_index, shifts = self.neighbor_graph(pos, cell)
-        graph = SimpleNamespace(node_type=node_type, pos=pos, edge_index=edge_index,
-                                pbc_offshift=shifts @ cell, batch=None, num_graphs=1)
-        self.m3gnet(g=graph)
-        fd = self.m3gnet.feature_dict
+        recompute = (torch.is_grad_enabled() and pos.shape[0] >= self.recompute_min_atoms
+                     and self.recompute_min_atoms > 0)
+        blocks = backbone_blocks(self.m3gnet, pos, shifts @ cell, edge_index, node_type,
+                                 n_blocks=self._n_blocks_needed, recompute=recompute)
         parts = []
         n_atoms = pos.shape[0]
         for name in self.layers:
+            node_feat, edge_feat = blocks[name.removeprefix("edge_")]
             if name.startswith("edge_"):
-                edge_feat = fd[name[5:]]["edge_feat"]
                 summed = torch.zeros(n_atoms, edge_feat.shape[1], dtype=edge_feat.dtype,
                                      device=edge_feat.device).index_add(0, edge_index[0], edge_feat)
                 count = torch.bincount(edge_index[0], minlength=n_atoms).clamp(min=1)
                 parts.append(summed / count.unsqueeze(1).to(edge_feat.dtype))
             else:
-                parts.append(fd[name]["node_feat"])
-        self.m3gnet.feature_dict = {}  # do not keep the graph alive between calls
+                parts.append(node_feat)
         return torch.cat(parts, dim=1)
 
     @torch.no_grad()
@@ -208,3 +219,62 @@ class FeatureCache:
                 os.replace(tmp, path)
         self._memory[key] = feats
         return feats
+
+
+def backbone_blocks(m3gnet: nn.Module, pos: torch.Tensor, offsets_A: torch.Tensor,
+                    edge_index: torch.Tensor, node_type: torch.Tensor, n_blocks: int,
+                    recompute: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """M3GNet's forward pass up to graph block `n_blocks` (matgl 4.1's `M3GNet.forward`, without
+    the readout): {"embedding" | "gc_k": (node features (N, 64), edge features (E, 64))}.
+
+    `recompute` trades time for memory when the result will be differentiated: each block and
+    each chunk of the three-body basis keeps only its inputs, and its intermediates are rebuilt
+    during the backward pass (so peak memory is one block's, not all of them). The values and
+    gradients are the same either way.
+    """
+    from matgl.graph._compute import (compute_pair_vector_and_distance, compute_theta_and_phi,
+                                      create_line_graph)
+    from matgl.utils.cutoff import polynomial_cutoff
+
+    n_atoms, n_bonds = pos.shape[0], edge_index.shape[1]
+    bond_vec, bond_dist = compute_pair_vector_and_distance(pos, edge_index, offsets_A)
+    expanded_dists = m3gnet.bond_expansion(bond_dist)
+    line_graph = create_line_graph(edge_index, bond_dist, bond_vec, offsets_A, n_atoms,
+                                   m3gnet.threebody_cutoff)
+    triples = line_graph["line_edge_index"]
+
+    def basis(bond_vec, bond_dist, start, stop):
+        angles = compute_theta_and_phi(bond_vec, bond_dist, triples[:, start:stop])
+        return m3gnet.basis_expansion(angles["triple_bond_lengths"], angles["cos_theta"],
+                                      angles["phi"])
+
+    def block(k, edge_feat, node_feat, three_body_basis, three_body_cutoff, expanded_dists):
+        edge_feat = m3gnet.three_body_interactions[k](
+            edge_index[1], triples, line_graph["n_triple_ij"], n_bonds, three_body_basis,
+            three_body_cutoff, node_feat, edge_feat)
+        edge_feat, node_feat, _ = m3gnet.graph_layers[k](
+            edge_index, edge_feat, node_feat, None, expanded_dists, None, None, n_atoms, 1)
+        return edge_feat, node_feat
+
+    run = _recomputed if recompute else (lambda fn, *args: fn(*args))
+    n_triples = triples.shape[1]
+    chunks = [run(basis, bond_vec, bond_dist, start, min(start + TRIPLES_PER_CHUNK, n_triples))
+              for start in range(0, max(n_triples, 1), TRIPLES_PER_CHUNK)]
+    three_body_basis = torch.cat(chunks) if len(chunks) != 1 else chunks[0]
+    three_body_cutoff = polynomial_cutoff(bond_dist, m3gnet.threebody_cutoff)
+    node_feat, edge_feat, _ = m3gnet.embedding(node_type, expanded_dists, None)
+    out = {"embedding": (node_feat, edge_feat)}
+    for k in range(n_blocks):
+        edge_feat, node_feat = run(block, k, edge_feat, node_feat, three_body_basis,
+                                   three_body_cutoff, expanded_dists)
+        out[f"gc_{k + 1}"] = (node_feat, edge_feat)
+    return out
+
+
+def _recomputed(fn, *args):
+    """`fn(*args)` under activation checkpointing. Early stopping of the recomputation is off:
+    it works by raising through matgl's TorchScript functions, which turn it into an error."""
+    from torch.utils import checkpoint
+
+    with checkpoint.set_checkpoint_early_stop(False):
+        return checkpoint.checkpoint(fn, *args, use_reentrant=False)
