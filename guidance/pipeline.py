@@ -19,6 +19,10 @@ from xanesdiff.diffusion.sampling import default_sampler, resolve_cell_and_count
 from xanesdiff.guidance.guided_score import GuidedScore
 from xanesdiff.guidance.validation import predict_members, spectral_match
 
+GUIDED_STEP_MB_PER_ATOM = 1.5
+"""Working set of one guided step (prior backward through x̂0 + surrogate forward/backward), MB
+per atom, without kept freed memory (3000 atoms, benchmarks/scale.json)."""
+
 
 class GuidedGenerator:
     """Samples one periodic cell at a time from the prior plus guidance terms."""

@@ -6,7 +6,9 @@ Each point runs in its own process (so its peak memory is its own): one prior sc
 (neighbour list + e3nn forward) and one guided step (prior forward+backward through x̂0 plus the
 M3GNet surrogate's forward+backward on the whole cell) at 2.5 g/cm³, repeated and averaged.
 The exponent is the slope of log(time) against log(atoms). `--large N` also samples one N-atom
-cell with the default sampler (prior only) and compares its structure with 216-atom samples.
+cell with the default sampler (prior only) and compares its structure with 216-atom samples;
+`--large-guided` adds one guided N-atom sample with the `generate` defaults (in its own process;
+`--atoms` with no values keeps the curve already in --out and only adds the large cells).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -82,10 +85,50 @@ def large_cell(n_atoms: int, n_small: int, n_steps: int) -> dict:
     return {"atoms": n_atoms, "sample_s": sample_s, "sampler": f"em, {n_steps} steps", "sp3": hb["sp3"], "sp3_216": hs["sp3"],
             "sp3_err": abs(hb["sp3"] - hs["sp3"]), "cn1": hb["cn1"], "cn1_216": hs["cn1"],
             "guided_s": None,
-            "note": "guided sampling not run at this size: the surrogate's forward + backward "
-                    "holds ≈3 MB per atom (see peak_mb), beyond this machine's memory at 10^4 "
-                    "atoms; guided_s_estimate extrapolates the guided steps with the fitted "
-                    "exponent"}
+            "note": "guided sample not run (--large-guided); guided_s_estimate extrapolates "
+                    "the guided steps with the fitted exponent"}
+
+
+def large_guided(n_atoms: int, n_small: int) -> dict:
+    """One guided `n_atoms` cell with the shipped `generate` settings (density given), target the
+    mean spectrum of a 2.49 g/cm³ frame; compared with `n_small` guided 216-atom cells."""
+    from omegaconf import OmegaConf
+
+    from xanesdiff.analysis.structure import hybridization_fractions
+    from xanesdiff.datasets.dataset import load_dataset
+    from xanesdiff.diffusion.prior import load_prior
+    from xanesdiff.forward.surrogate import load_surrogate
+    from xanesdiff.guidance.pipeline import GUIDED_STEP_MB_PER_ATOM
+    from xanesdiff.guidance.request import build_terms, compose_generate_config, make_generator
+    from xanesdiff.guidance.validation import predict_members, spectral_match
+    from xanesdiff.runtime import fit_kept_memory
+
+    mapped = fit_kept_memory(n_atoms * GUIDED_STEP_MB_PER_ATOM)
+    frame = next(f for f in load_dataset().frames if f.network == "rho2.49")
+    target = frame.mean_spectrum.astype(np.float64)
+    prior, surrogate = load_prior(), load_surrogate()
+    cfg = OmegaConf.merge(compose_generate_config([]), {"target": frame.name})
+    terms = [term.bind(surrogate, target) for term in build_terms(cfg)]
+    results = {}
+    for n, seeds in ((n_atoms, [0]), (216, range(1, n_small + 1))):
+        generator = make_generator(cfg, prior, surrogate, terms, n_atoms=n)
+        start = time.perf_counter()
+        frames = [generator.generate(DENSITY, seed)[0] for seed in seeds]
+        elapsed = time.perf_counter() - start
+        maes = [spectral_match(predict_members(surrogate, a).mean(0), target)["mae"]
+                for a in frames]
+        results[n] = {"s": elapsed, "mae": float(np.mean(maes)),
+                      **hybridization_fractions(frames)}
+    big, small = results[n_atoms], results[216]
+    return {"atoms": n_atoms, "guided_s": big["s"], "target": frame.name,
+            "guided_mae": big["mae"], "guided_mae_216": small["mae"],
+            "guided_sp3": big["sp3"], "guided_sp3_216": small["sp3"],
+            "guided_sp3_err": abs(big["sp3"] - small["sp3"]), "guided_cn1": big["cn1"],
+            "guided_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "guided_large_blocks_mapped": mapped,
+            "guided_sampler": f"generate defaults ({cfg.sampler._target_.rsplit('.', 1)[1]}, "
+                              f"{cfg.sampler.n_steps} steps, refresh_every "
+                              f"{cfg.guided_score.refresh_every}), density given"}
 
 
 def sample_calls() -> tuple[int, int]:
@@ -112,28 +155,8 @@ def add_sample_estimates(points: list[dict]) -> None:
             p["sample_s_note"] += f", {guided_calls} of them guided when guided"
 
 
-def main(argv=None) -> None:
-    from xanesdiff.runtime import keep_freed_memory
-
-    keep_freed_memory()
-    from xanesdiff.guidance.report import write_json
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--atoms", type=int, nargs="+", default=[216, 1000, 3000, 10000])
-    parser.add_argument("--guided-max", type=int, default=3000,
-                        help="largest cell for the guided step (M3GNet memory grows fast)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--large", type=int, default=0, help="also sample one cell this large")
-    parser.add_argument("--large-steps", type=int, default=100)
-    parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--guided", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default="benchmarks/scale.json")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.point:
-        print(json.dumps(measure_point(args.point, args.guided, args.repeats)))
-        return
+def run_points(args) -> list[dict]:
+    """Each atom count in its own process, so its peak memory is its own."""
     points = []
     for n in args.atoms:
         cmd = [sys.executable, "-m", "xanesdiff.scripts.benchmark_scale", "--point", str(n),
@@ -144,26 +167,77 @@ def main(argv=None) -> None:
         points.append(json.loads(out.strip().splitlines()[-1]))
         print(points[-1], flush=True)
     add_sample_estimates(points)
-    atoms = np.array([p["atoms"] for p in points], dtype=float)
-    exponent = float(np.polyfit(np.log(atoms), np.log([p["step_s"] for p in points]), 1)[0])
-    guided = [p for p in points if "guided_step_s" in p]
-    result = {"points": points, "exponent": exponent,
-              "guided_exponent": float(np.polyfit(np.log([p["atoms"] for p in guided]),
-                                                  np.log([p["guided_step_s"] for p in guided]),
-                                                  1)[0]) if len(guided) > 1 else None,
-              "density_g_cm3": DENSITY,
-              "command": "python -m xanesdiff.scripts.benchmark_scale "
-                         + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": f"{platform.machine()}, {args.threads} torch threads"}
-    if args.large:
+    return points
+
+
+def fit_exponents(points: list[dict]) -> dict:
+    """Slopes of log(time) against log(atoms) for the prior step and the guided step."""
+    def slope(pts, key):
+        if len(pts) < 2:
+            return None
+        return float(np.polyfit(np.log([p["atoms"] for p in pts]),
+                                np.log([p[key] for p in pts]), 1)[0])
+
+    return {"exponent": slope(points, "step_s"),
+            "guided_exponent": slope([p for p in points if "guided_step_s" in p], "guided_step_s")}
+
+
+def main(argv=None) -> None:
+    from xanesdiff.runtime import keep_freed_memory
+
+    keep_freed_memory()
+    from xanesdiff.guidance.report import write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--atoms", type=int, nargs="*", default=[216, 1000, 3000, 10000],
+                        help="atom counts of the step curve; none: keep the curve in --out")
+    parser.add_argument("--guided-max", type=int, default=3000,
+                        help="largest cell for the guided step (M3GNet memory grows fast)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--large", type=int, default=0, help="also sample one cell this large")
+    parser.add_argument("--large-steps", type=int, default=100)
+    parser.add_argument("--large-guided", action="store_true",
+                        help="and one guided sample of the --large cell (its own process)")
+    parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--guided", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--guided-cell", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="benchmarks/scale.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.point:
+        print(json.dumps(measure_point(args.point, args.guided, args.repeats)))
+        return
+    if args.guided_cell:
+        print(json.dumps(large_guided(args.guided_cell, n_small=4)))
+        return
+    command = "python -m xanesdiff.scripts.benchmark_scale " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    if args.atoms:
+        points = run_points(args)
+        result = {"points": points, **fit_exponents(points), "density_g_cm3": DENSITY,
+                  "command": command,
+                  "machine": f"{platform.machine()}, {args.threads} torch threads"}
+    else:  # extend an earlier run (e.g. with the guided large cell)
+        result = json.loads(Path(args.out).read_text())
+        result["command"] += f"; then {command}"
+        points = result["points"]
+    if args.large and args.atoms:
         result["large_cell"] = large_cell(args.large, n_small=4, n_steps=args.large_steps)
-        if guided and result["guided_exponent"] is not None:
-            last = guided[-1]
-            step = last["guided_step_s"] * (args.large / last["atoms"]) ** result["guided_exponent"]
-            big = [p for p in points if p["atoms"] == args.large]
+        guided = [p for p in points if "guided_step_s" in p]
+        big = [p for p in points if p["atoms"] == args.large]
+        if guided and big and result["guided_exponent"] is not None:
+            step = guided[-1]["guided_step_s"] * (
+                args.large / guided[-1]["atoms"]) ** result["guided_exponent"]
             calls, guided_calls = sample_calls()
             result["large_cell"]["guided_s_estimate"] = (
-                guided_calls * step + (calls - guided_calls) * big[0]["step_s"] if big else None)
+                guided_calls * step + (calls - guided_calls) * big[0]["step_s"])
+    if args.large and args.large_guided:
+        cmd = [sys.executable, "-m", "xanesdiff.scripts.benchmark_scale", "--guided-cell",
+               str(args.large), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        result.setdefault("large_cell", {}).update(json.loads(out.strip().splitlines()[-1]))
+        result["large_cell"].pop("note", None)
     write_json(args.out, result)
     print(json.dumps(result, indent=1))
 

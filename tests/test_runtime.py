@@ -33,3 +33,25 @@ def test_large_blocks_come_from_the_heap_once_freed_memory_is_kept():
 
 def test_the_setting_can_be_switched_off():
     assert probe(XANESDIFF_KEEP_FREED_MEMORY="0") == ["False", "False"]
+
+
+FIT_PROBE = r"""
+import ctypes, sys
+from xanesdiff.runtime import fit_kept_memory, keep_freed_memory
+keep_freed_memory()
+fits = fit_kept_memory(1.0)             # 1 MB: keeps the setting
+switched = fit_kept_memory(float(1 << 40))  # 1 TB: cannot fit, large blocks are mapped again
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+address = libc.malloc(64 << 20)
+heap = [line.split()[0] for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
+lo, hi = (int(x, 16) for x in heap[0].split("-"))
+print(fits, switched, lo <= address < hi)
+"""
+
+
+def test_a_working_set_too_large_for_a_kept_heap_maps_large_blocks_again():
+    out = subprocess.run([sys.executable, "-c", FIT_PROBE], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["False", "True", "False"]
+    assert "large blocks are mapped afresh" in out.stderr
