@@ -81,12 +81,20 @@ def _mallopt():
     return mallopt
 
 
+def total_memory_mb() -> float | None:
+    """The machine's memory (MemTotal, MB); None where /proc/meminfo does not say."""
+    return _meminfo_mb("MemTotal")
+
+
 def _available_mb() -> float | None:
-    """MemAvailable from /proc/meminfo (MB), None where there is no such file."""
+    return _meminfo_mb("MemAvailable")
+
+
+def _meminfo_mb(key: str) -> float | None:
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         return None

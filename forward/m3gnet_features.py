@@ -9,8 +9,8 @@ Layers (M3GNet, 3 blocks, cutoff 5 Å): ``embedding`` is the element embedding o
 for a one-element system), ``gc_1``/``gc_2``/``gc_3`` are node features after each graph block
 (receptive field 5/10/15 Å). ``edge_gc_k`` is the mean over an atom's bonds (within the 5 Å
 graph) of the edge features after block k. Only the blocks the chosen layers need are run, and
-large cells that will be differentiated recompute block intermediates in the backward pass
-(`RECOMPUTE_MIN_ATOMS`) so that guidance on 10⁴ atoms fits in memory.
+cells too large for the machine's memory recompute block intermediates in the backward pass
+(`RECOMPUTE_MEMORY_FRACTION`), so that guidance on 10⁴ atoms fits in 23 GB.
 """
 
 from __future__ import annotations
@@ -25,12 +25,16 @@ from torch import nn
 from xanesdiff.datasets.assets import resolve_asset
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.datasets.graph import periodic_neighbor_list
+from xanesdiff.runtime import total_memory_mb
 
 DEFAULT_BACKBONE = "models/M3GNet-MP-2021.2.8-PES"
 DEFAULT_LAYERS = ("gc_1", "gc_2", "gc_3")
-RECOMPUTE_MIN_ATOMS = 1500
-"""From this many atoms on, a forward pass that will be differentiated keeps only each block's
-inputs and recomputes the rest in the backward pass: ≈2.4 → 1.1 MB per atom, ≈25 % slower."""
+GRAPH_MB_PER_ATOM = 2.4
+"""Memory autograd keeps for a differentiated pass over the three blocks, MB per atom (1000-atom
+a-C cell at 2.5 g/cm³); with recomputation ≈1.1, but the surrogate's gradient takes ≈1.4× as long."""
+RECOMPUTE_MEMORY_FRACTION = 0.4
+"""Recompute when the kept graph would take more than this share of the machine's memory
+(a 10⁴-atom cell on a 23 GB machine does; a 3000-atom cell does not)."""
 TRIPLES_PER_CHUNK = 2**18
 """Three-body basis computed (and recomputed) in chunks of this many bond pairs."""
 
@@ -63,12 +67,15 @@ class M3GNetFeaturizer(nn.Module):
         model_dir: local matgl folder of an M3GNet potential.
         layers: names of the layers whose node features are concatenated (see module doc).
         trainable: if False (default) the backbone is frozen and always stays in eval mode.
+        recompute_min_atoms: differentiated passes over at least this many atoms recompute block
+            intermediates in the backward pass (same values, less memory, slower); None: when
+            the graph would not fit comfortably in memory (`RECOMPUTE_MEMORY_FRACTION`).
     """
 
     def __init__(self, model_dir: str | os.PathLike, layers=DEFAULT_LAYERS, trainable: bool = False,
-                 recompute_min_atoms: int = RECOMPUTE_MIN_ATOMS):
+                 recompute_min_atoms: int | None = None):
         super().__init__()
-        self.recompute_min_atoms = int(recompute_min_atoms)
+        self.recompute_min_atoms = recompute_min_atoms
         self.model_dir = str(model_dir)
         self.layers = tuple(layers)
         self.m3gnet = load_m3gnet(model_dir)
@@ -145,8 +152,7 @@ class M3GNetFeaturizer(nn.Module):
             bad = sorted(set(numbers[node_type < 0].tolist()))
             raise XanesdiffInputError(f"atomic numbers {bad} are not covered by {self.model_dir}")
         edge_index, shifts = self.neighbor_graph(pos, cell)
-        recompute = (torch.is_grad_enabled() and pos.shape[0] >= self.recompute_min_atoms
-                     and self.recompute_min_atoms > 0)
+        recompute = torch.is_grad_enabled() and self._recompute(pos.shape[0])
         blocks = backbone_blocks(self.m3gnet, pos, shifts @ cell, edge_index, node_type,
                                  n_blocks=self._n_blocks_needed, recompute=recompute)
         parts = []
@@ -161,6 +167,13 @@ class M3GNetFeaturizer(nn.Module):
             else:
                 parts.append(node_feat)
         return torch.cat(parts, dim=1)
+
+    def _recompute(self, n_atoms: int) -> bool:
+        if self.recompute_min_atoms is not None:
+            return n_atoms >= self.recompute_min_atoms
+        total_mb = total_memory_mb()
+        return total_mb is not None and n_atoms * GRAPH_MB_PER_ATOM > (
+            RECOMPUTE_MEMORY_FRACTION * total_mb)
 
     @torch.no_grad()
     def features_of_atoms(self, atoms) -> torch.Tensor:

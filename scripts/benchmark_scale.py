@@ -49,7 +49,11 @@ def measure_point(n_atoms: int, guided: bool, repeats: int) -> dict:
     if guided:
         from xanesdiff.forward.surrogate import load_surrogate
         from xanesdiff.guidance.guided_score import GuidedScore
+        from xanesdiff.guidance.pipeline import GUIDED_STEP_MB_PER_ATOM
         from xanesdiff.guidance.spectrum import SpectrumLikelihood
+        from xanesdiff.runtime import fit_kept_memory
+
+        result["large_blocks_mapped"] = fit_kept_memory(n_atoms * GUIDED_STEP_MB_PER_ATOM)
 
         surrogate = load_surrogate()
         target = np.full(surrogate.grid.n_points, 0.22)
