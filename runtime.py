@@ -53,7 +53,9 @@ def fit_kept_memory(expected_mb: float, budget_fraction: float = 0.8) -> bool:
     `KEPT_HEAP_FACTOR` exceeds `budget_fraction` of the memory available now, blocks of 16 MB
     and more are mapped fresh and returned on free again (glibc's usual way, at a fixed
     threshold): steps get slower (×1.5–2 for a guided 3000-atom step), peak memory is the working
-    set. Returns True when it switched (only after `keep_freed_memory` was applied).
+    set. Returns True when it switched (only after `keep_freed_memory` was applied). Fresh maps
+    cost far less with transparent huge pages, which glibc uses when the process starts with
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (it cannot be switched on later).
     """
     global _kept
     available_mb = _available_mb()
@@ -65,8 +67,11 @@ def fit_kept_memory(expected_mb: float, budget_fraction: float = 0.8) -> bool:
     mallopt(_M_MMAP_THRESHOLD, 16 << 20)
     mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
     _kept = False
+    hint = ("" if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", "") else
+            "; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment makes them cheaper "
+            "(10⁴-atom guided step 64 → 35 s)")
     print(f"note: about {expected_mb / 1024:.1f} GB needed, {available_mb / 1024:.1f} GB "
-          "available: large blocks are mapped afresh (slower steps, less memory)",
+          f"available: large blocks are mapped afresh (slower steps, less memory){hint}",
           file=sys.stderr)
     return True
 
