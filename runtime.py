@@ -1,7 +1,7 @@
 """Process-wide runtime settings for long numerical runs.
 
-    from xanesdiff.runtime import keep_freed_memory, fit_kept_memory
-    keep_freed_memory()     # once, at start-up (the CLI and the benchmarks do this)
+    from xanesdiff.runtime import configure_process, fit_kept_memory
+    configure_process()     # once, at start-up (the CLI and the benchmarks do this)
     fit_kept_memory(expected_mb)   # before a run whose working set may not fit that way
 """
 
@@ -19,6 +19,23 @@ KEPT_HEAP_FACTOR = 1.7
 7.2 GB against 4.4 GB, dev VM)."""
 _NEVER = -1  # as size_t: the largest threshold, i.e. never give the heap's top back
 _kept = False
+
+
+def configure_process() -> None:
+    """Start-up settings of every entry point: `keep_freed_memory` and `reproducible_kernels`."""
+    keep_freed_memory()
+    reproducible_kernels()
+
+
+def reproducible_kernels() -> None:
+    """Make torch pick deterministic kernels, so a seed gives the same structure again with any
+    fixed thread count. Without it, two-thread guided samples of one seed differed (parallel
+    reductions in the surrogate's backward pass, amplified by the sampler); the deterministic
+    kernels cost no measurable time on CPU. Where an op has none (some CUDA ops), torch warns
+    instead of failing."""
+    import torch
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def keep_freed_memory() -> bool:

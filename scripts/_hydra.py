@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from xanesdiff.datasets.errors import MissingAssetError, XanesdiffInputError
-from xanesdiff.runtime import keep_freed_memory
+from xanesdiff.runtime import configure_process
 
 CONFIG_PATH = "../configs"  # relative to this file; configs/ ships as package data
 
@@ -20,13 +20,14 @@ def hydra_app(config_name: str) -> Callable:
     """Turn `fn(cfg) -> int|None` into a hydra app reading `configs/<config_name>.yaml`.
 
     User errors (bad input, missing assets) print one clear line and exit 2 instead of a traceback.
-    Freed memory is kept for reuse (`xanesdiff.runtime.keep_freed_memory`): large cells run faster.
+    Freed memory is kept for reuse and kernels are deterministic
+    (`xanesdiff.runtime.configure_process`).
     """
 
     def decorate(fn: Callable[[DictConfig], int | None]) -> Callable:
         @functools.wraps(fn)
         def guarded(cfg: DictConfig):
-            keep_freed_memory()
+            configure_process()
             try:
                 return fn(cfg)
             except (XanesdiffInputError, MissingAssetError) as exc:

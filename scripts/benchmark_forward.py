@@ -225,9 +225,9 @@ def splice_table(md_path: Path, table: str, report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from xanesdiff.runtime import keep_freed_memory
+    from xanesdiff.runtime import configure_process
 
-    keep_freed_memory()
+    configure_process()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))

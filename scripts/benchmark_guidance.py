@@ -134,9 +134,9 @@ def steering(args) -> dict:
 
 
 def main(argv=None) -> None:
-    from xanesdiff.runtime import keep_freed_memory
+    from xanesdiff.runtime import configure_process
 
-    keep_freed_memory()
+    configure_process()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--held-out", type=float, nargs="*", default=[2.0, 2.5, 3.0])
     parser.add_argument("--n-samples", type=int, default=2)

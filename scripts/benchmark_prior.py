@@ -91,9 +91,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from xanesdiff.runtime import keep_freed_memory
+    from xanesdiff.runtime import configure_process
 
-    keep_freed_memory()
+    configure_process()
     import torch
 
     from xanesdiff.datasets.dataset import load_dataset

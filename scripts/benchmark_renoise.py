@@ -66,9 +66,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    from xanesdiff.runtime import keep_freed_memory
+    from xanesdiff.runtime import configure_process
 
-    keep_freed_memory()
+    configure_process()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="default: shipped prior_default.pt")
     parser.add_argument("--t", type=float, nargs="+", default=[0.15, 0.3, 0.5])

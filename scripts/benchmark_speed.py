@@ -144,9 +144,9 @@ def xanesdiff_guided_sample(target: np.ndarray, seed: int = 0, overrides=()
 
 
 def main(argv=None) -> None:
-    from xanesdiff.runtime import keep_freed_memory
+    from xanesdiff.runtime import configure_process
 
-    keep_freed_memory()
+    configure_process()
     import sys
 
     from xanesdiff.analysis.structure import compare_sets, hybridization_fractions
