@@ -266,7 +266,7 @@ def test_backbone_pass_matches_matgl_and_recompute_saves_memory(surrogate, frame
         saved[min_atoms] = _saved_bytes(
             lambda: holder.setdefault("loss", (featurizer(x, cell, numbers) * weights).sum()))
         (grads[min_atoms],) = torch.autograd.grad(holder["loss"], x)
-    torch.testing.assert_close(grads[1], grads[10**9], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[10**9], atol=1e-4, rtol=1e-4)  # float32 sums
     assert saved[1] < 0.5 * saved[10**9], saved
     # by default the machine's memory decides: never for a small cell, always for a huge one
     featurizer.recompute_min_atoms = None
