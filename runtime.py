@@ -69,8 +69,8 @@ def fit_kept_memory(expected_mb: float, budget_fraction: float = 0.8) -> bool:
     `expected_mb` is the run's working set without kept memory. When it times
     `KEPT_HEAP_FACTOR` exceeds `budget_fraction` of the memory available now, blocks of 16 MB
     and more are mapped fresh and returned on free again (glibc's usual way, at a fixed
-    threshold): steps get slower (×1.5–2 for a guided 3000-atom step), peak memory is the working
-    set. Returns True when it switched (only after `keep_freed_memory` was applied). Fresh maps
+    threshold): steps get slower (×2.3 for a guided 3000-atom step on the dev VM), peak memory
+    is the working set. Returns True when it switched (only after `keep_freed_memory` was applied). Fresh maps
     cost far less with transparent huge pages, which glibc uses when the process starts with
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (it cannot be switched on later).
     """
