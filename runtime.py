@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -19,6 +20,7 @@ KEPT_HEAP_FACTOR = 1.7
 7.2 GB against 4.4 GB, dev VM)."""
 _NEVER = -1  # as size_t: the largest threshold, i.e. never give the heap's top back
 _kept = False
+_fitted_mb = 0.0  # the largest working set fit_kept_memory has let the kept heap serve
 
 
 def configure_process() -> None:
@@ -74,11 +76,14 @@ def fit_kept_memory(expected_mb: float, budget_fraction: float = 0.8) -> bool:
     cost far less with transparent huge pages, which glibc uses when the process starts with
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (it cannot be switched on later).
     """
-    global _kept
+    global _kept, _fitted_mb
+    if not _kept or expected_mb <= _fitted_mb:  # the heap kept for a size that fitted is reused
+        return False
     available_mb = _available_mb()
-    if not _kept or available_mb is None:
+    if available_mb is None:
         return False
     if expected_mb * KEPT_HEAP_FACTOR <= budget_fraction * available_mb:
+        _fitted_mb = expected_mb
         return False
     mallopt = _mallopt()
     mallopt(_M_MMAP_THRESHOLD, 16 << 20)
@@ -93,6 +98,11 @@ def fit_kept_memory(expected_mb: float, budget_fraction: float = 0.8) -> bool:
     return True
 
 
+def memory_kept() -> bool:
+    """Whether freed memory is being kept for reuse (`keep_freed_memory`, not undone since)."""
+    return _kept
+
+
 def _mallopt():
     """glibc's `mallopt(param, value)`, or None (musl or another libc without it)."""
     try:
@@ -103,6 +113,7 @@ def _mallopt():
     return mallopt
 
 
+@functools.lru_cache(maxsize=1)
 def total_memory_mb() -> float | None:
     """The machine's memory (MemTotal, MB); None where /proc/meminfo does not say."""
     return _meminfo_mb("MemTotal")

@@ -18,6 +18,7 @@ from xanesdiff.datasets.graph import wrap_positions
 from xanesdiff.diffusion.sampling import default_sampler, resolve_cell_and_count
 from xanesdiff.guidance.guided_score import GuidedScore
 from xanesdiff.guidance.validation import predict_members, spectral_match
+from xanesdiff.runtime import fit_kept_memory
 
 GUIDED_STEP_MB_PER_ATOM = 1.5
 """Working set of one guided step (prior backward through x̂0 + surrogate forward/backward), MB
@@ -47,6 +48,8 @@ class GuidedGenerator:
         generator = torch.Generator().manual_seed(int(seed))
         pos = self.prior.schedule.prior_sampling(n, cell_t, generator, dtype)
         terms = self.terms if guided else []
+        if terms:
+            fit_kept_memory(n * GUIDED_STEP_MB_PER_ATOM)
         score_fn = GuidedScore(self.prior, cell_t, numbers, terms, self.through_denoiser,
                                self.max_ratio, self.refresh_every)
         self.prior.neighbors.clear()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -51,9 +52,10 @@ def measure_point(n_atoms: int, guided: bool, repeats: int) -> dict:
         from xanesdiff.guidance.guided_score import GuidedScore
         from xanesdiff.guidance.pipeline import GUIDED_STEP_MB_PER_ATOM
         from xanesdiff.guidance.spectrum import SpectrumLikelihood
-        from xanesdiff.runtime import fit_kept_memory
+        from xanesdiff.runtime import fit_kept_memory, memory_kept
 
-        result["large_blocks_mapped"] = fit_kept_memory(n_atoms * GUIDED_STEP_MB_PER_ATOM)
+        fit_kept_memory(n_atoms * GUIDED_STEP_MB_PER_ATOM)  # as GuidedGenerator does
+        result["large_blocks_mapped"] = not memory_kept()
 
         surrogate = load_surrogate()
         target = np.full(surrogate.grid.n_points, 0.22)
@@ -102,12 +104,10 @@ def large_guided(n_atoms: int, n_small: int) -> dict:
     from xanesdiff.datasets.dataset import load_dataset
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.forward.surrogate import load_surrogate
-    from xanesdiff.guidance.pipeline import GUIDED_STEP_MB_PER_ATOM
     from xanesdiff.guidance.request import build_terms, compose_generate_config, make_generator
     from xanesdiff.guidance.validation import predict_members, spectral_match
-    from xanesdiff.runtime import fit_kept_memory
+    from xanesdiff.runtime import memory_kept
 
-    mapped = fit_kept_memory(n_atoms * GUIDED_STEP_MB_PER_ATOM)
     frame = next(f for f in load_dataset().frames if f.network == "rho2.49")
     target = frame.mean_spectrum.astype(np.float64)
     prior, surrogate = load_prior(), load_surrogate()
@@ -129,7 +129,8 @@ def large_guided(n_atoms: int, n_small: int) -> dict:
             "guided_sp3": big["sp3"], "guided_sp3_216": small["sp3"],
             "guided_sp3_err": abs(big["sp3"] - small["sp3"]), "guided_cn1": big["cn1"],
             "guided_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "guided_large_blocks_mapped": mapped,
+            "guided_large_blocks_mapped": not memory_kept(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
             "guided_sampler": f"generate defaults ({cfg.sampler._target_.rsplit('.', 1)[1]}, "
                               f"{cfg.sampler.n_steps} steps, refresh_every "
                               f"{cfg.guided_score.refresh_every}), density given"}

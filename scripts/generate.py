@@ -17,10 +17,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from xanesdiff.datasets.errors import XanesdiffInputError
-from xanesdiff.guidance.pipeline import GUIDED_STEP_MB_PER_ATOM
 from xanesdiff.guidance.request import (build_terms, check_density, make_generator,
                                         set_relative_references)
-from xanesdiff.runtime import fit_kept_memory
 from xanesdiff.scripts._hydra import hydra_app, set_threads
 
 log = logging.getLogger("xanesdiff.generate")
@@ -74,7 +72,6 @@ def run(cfg: DictConfig) -> dict:
     if int(cfg.n_atoms) < 2:
         raise XanesdiffInputError(f"n_atoms must be at least 2, got {cfg.n_atoms}", "n_atoms")
     density = check_density(cfg.density)
-    fit_kept_memory(int(cfg.n_atoms) * GUIDED_STEP_MB_PER_ATOM)
     out = Path(cfg.out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
 
