@@ -5,6 +5,11 @@ a structure. It is evaluated on the prior's denoised estimate x̂0(x_t), never o
 `GuidanceTerm.__call__` returns the term's score contribution with respect to x̂0 (−w(t)·∇E, in
 1/Å) and a scalar for logging; `GuidedScore` carries the sum back to x_t through the denoiser.
 A new term is one subclass implementing `energy` plus one YAML in `configs/guidance/`.
+
+Observations of a cell average (its mean spectrum, its g(r)) pull on each atom with a force that
+falls as 1/N. So that guidance means the same at every cell size, `__call__` multiplies the energy
+by N_sites / `reference_atoms`: a cell of N sites counts as N / reference_atoms independent
+observations of the target, each of a region the size the strengths were tuned on (216 atoms).
 """
 
 from __future__ import annotations
@@ -38,11 +43,26 @@ class GuidanceTerm(torch.nn.Module):
 
     name = "term"
 
-    def __init__(self, schedule: TimeWindow | dict | None = None):
+    def __init__(self, schedule: TimeWindow | dict | None = None,
+                 reference_atoms: int | None = 216):
         super().__init__()
         if isinstance(schedule, dict) or hasattr(schedule, "keys"):
             schedule = TimeWindow(**dict(schedule))
+        if reference_atoms is not None and reference_atoms <= 0:
+            raise ValueError(f"reference_atoms must be a positive site count or null, "
+                             f"got {reference_atoms}")
         self.schedule = schedule or TimeWindow()
+        self.reference_atoms = reference_atoms
+
+    def observed_sites(self, numbers: torch.Tensor) -> float:
+        """How many sites the observation averages over (all atoms unless a subclass says)."""
+        return float(torch.as_tensor(numbers).numel())
+
+    def size_factor(self, numbers: torch.Tensor) -> float:
+        """N_sites / reference_atoms, the energy's multiplier (1 with `reference_atoms` null)."""
+        if self.reference_atoms is None:
+            return 1.0
+        return self.observed_sites(numbers) / self.reference_atoms
 
     def energy(self, x0_A: torch.Tensor, cell_A: torch.Tensor, numbers: torch.Tensor
                ) -> tuple[torch.Tensor, dict]:
@@ -51,7 +71,8 @@ class GuidanceTerm(torch.nn.Module):
 
     def __call__(self, x_t_A: torch.Tensor, x0_A: torch.Tensor, cell_A: torch.Tensor,
                  numbers: torch.Tensor, t: float) -> tuple[torch.Tensor, dict]:
-        """Score contribution −w(t)·∇_{x̂0}E (N,3, 1/Å) and a log dict (energy, weight)."""
+        """Score contribution −w(t)·f·∇_{x̂0}E (N,3, 1/Å), f the size factor, and a log dict
+        (energy, weight, size_factor)."""
         weight = self.schedule(t)
         if weight == 0.0:
             return torch.zeros_like(x0_A), {"weight": 0.0}
@@ -62,4 +83,6 @@ class GuidanceTerm(torch.nn.Module):
         if not torch.isfinite(grad).all():
             raise FloatingPointError(f"guidance term {self.name!r} gave a non-finite gradient at "
                                      f"t={t:.4f} (energy {float(energy):.4g})")
-        return -weight * grad, {"energy": float(energy.detach()), "weight": weight, **log}
+        factor = self.size_factor(numbers)
+        return -weight * factor * grad, {"energy": float(energy.detach()), "weight": weight,
+                                         "size_factor": factor, **log}

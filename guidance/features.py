@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from xanesdiff.guidance.base import GuidanceTerm
+from xanesdiff.guidance.spectrum import absorbing_sites
 
 FEATURES = ("intensity", "area", "ratio", "peak_position")
 RELATIONS = ("eq", "ge", "le")
@@ -28,8 +29,8 @@ class SpectralFeature(GuidanceTerm):
     def __init__(self, feature: str = "intensity", window_eV=(284.0, 287.0), window2_eV=None,
                  relation: str = "eq", value: float | None = None, relative: float | None = None,
                  tolerance: float = 0.05, softness: float = 0.02, schedule=None, surrogate=None,
-                 name: str | None = None):
-        super().__init__(schedule)
+                 name: str | None = None, reference_atoms: int | None = 216):
+        super().__init__(schedule, reference_atoms)
         if feature not in FEATURES:
             raise ValueError(f"feature {feature!r}; expected one of {FEATURES}")
         if relation not in RELATIONS:
@@ -85,6 +86,9 @@ class SpectralFeature(GuidanceTerm):
             return spectrum[mask].mean() / spectrum[mask2].mean().clamp_min(1e-8)
         weights = torch.softmax(spectrum[mask] / self.softness, dim=0)
         return (weights * energies[mask]).sum()
+
+    def observed_sites(self, numbers):
+        return absorbing_sites(self.surrogate, numbers)
 
     def energy(self, x0_A, cell_A, numbers):
         spectrum = self.surrogate.mean_spectrum(x0_A, cell_A, numbers).mean(0)

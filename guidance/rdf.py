@@ -35,16 +35,17 @@ def smooth_rdf(pos_A: torch.Tensor, cell_A: torch.Tensor, r_A: torch.Tensor,
 
 
 class RDFTarget(GuidanceTerm):
-    """E = ½ Σ_r (g(r; x̂0) − g_target(r))² / σ², over the target's r grid (Å)."""
+    """E = ½ Σ_r (g(r; x̂0) − g_target(r))² / σ², over the target's r grid (Å), weighted by
+    N / `reference_atoms` (see `GuidanceTerm`)."""
 
     name = "rdf"
 
     def __init__(self, r_A=None, g_target=None, sigma: float = 0.1, width_A: float = 0.05,
                  schedule=None, reference: str | None = None, r_max_A: float = 4.0,
-                 n_bins: int = 80):
+                 n_bins: int = 80, reference_atoms: int | None = 216):
         """Target from arrays (`r_A`, `g_target`), or from a `reference` structure file whose
         smooth g(r) on 0.8–`r_max_A` Å becomes the target."""
-        super().__init__(schedule)
+        super().__init__(schedule, reference_atoms)
         if reference is not None:
             from xanesdiff.datasets.structures import read_structures
 

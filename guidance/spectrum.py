@@ -14,13 +14,15 @@ class SpectrumLikelihood(GuidanceTerm):
     S̄ is the ensemble mean of the surrogate's mean-over-sites spectrum, Var_k its spread over
     ensemble members (noise-aware: points where the surrogate is unsure pull less). `sigma_obs`
     is the target's own noise (spectrum units); `site_mask` restricts the mean to chosen sites.
+    The energy is weighted by (absorbing sites) / `reference_atoms` (see `GuidanceTerm`).
     """
 
     name = "spectrum"
 
     def __init__(self, surrogate=None, target=None, sigma_obs: float = 0.01,
-                 ensemble_weight: float = 1.0, schedule=None, site_mask=None):
-        super().__init__(schedule)
+                 ensemble_weight: float = 1.0, schedule=None, site_mask=None,
+                 reference_atoms: int | None = 216):
+        super().__init__(schedule, reference_atoms)
         self.surrogate = surrogate
         self.sigma_obs = float(sigma_obs)
         self.ensemble_weight = float(ensemble_weight)
@@ -35,6 +37,9 @@ class SpectrumLikelihood(GuidanceTerm):
             self.target = torch.as_tensor(np.asarray(target), dtype=torch.float32)
         return self
 
+    def observed_sites(self, numbers):
+        return absorbing_sites(self.surrogate, numbers, self.site_mask)
+
     def energy(self, x0_A, cell_A, numbers):
         if self.surrogate is None or self.target is None:
             raise RuntimeError("SpectrumLikelihood needs bind(surrogate, target) before sampling")
@@ -45,3 +50,12 @@ class SpectrumLikelihood(GuidanceTerm):
         variance = self.sigma_obs ** 2 + self.ensemble_weight * var.detach()
         energy = 0.5 * ((mean - target) ** 2 / variance).sum()
         return energy, {"mae": float((mean - target).abs().mean().detach())}
+
+
+def absorbing_sites(surrogate, numbers: torch.Tensor, site_mask=None) -> float:
+    """Sites a mean spectrum averages over: the mask's total weight, else the absorbers."""
+    if site_mask is not None:
+        return float(torch.as_tensor(site_mask).to(torch.float64).sum())
+    if hasattr(surrogate, "absorber_mask"):
+        return float(surrogate.absorber_mask(numbers).sum())
+    return float(torch.as_tensor(numbers).numel())

@@ -52,9 +52,49 @@ def test_term_contribution_is_minus_energy_gradient(make_term):
     term.schedule = TimeWindow(strength=0.7)
     contribution, log = term(pos, pos, cell, numbers, t=0.3)
     idx, fd = central_difference(lambda x: term.energy(x, cell, numbers)[0], pos)
-    analytic = np.array([-float(contribution[a, b]) / 0.7 for a, b in idx])
+    factor = term.size_factor(numbers)
+    assert factor == pytest.approx(16 / 216) and log["size_factor"] == factor
+    analytic = np.array([-float(contribution[a, b]) / (0.7 * factor) for a, b in idx])
     np.testing.assert_allclose(analytic, fd, rtol=1e-4, atol=1e-6)
     assert np.isfinite(log["energy"])
+
+
+def _supercell(pos, cell, numbers, reps=2):
+    shifts = torch.tensor([[a, b, c] for a in range(reps) for b in range(reps)
+                           for c in range(reps)], dtype=pos.dtype) @ cell
+    big = (pos[None] + shifts[:, None]).reshape(-1, 3)
+    return big, cell * reps, numbers.repeat(reps ** 3)
+
+
+@pytest.mark.parametrize("make_term", [
+    lambda s, y, n: SpectrumLikelihood(s, y, sigma_obs=0.05, reference_atoms=n),
+    lambda s, y, n: SpectralFeature("intensity", (284.5, 286.5), relation="eq", value=1.0,
+                                    surrogate=s, reference_atoms=n),
+    lambda s, y, n: RDFTarget(torch.linspace(1.0, 2.5, 20, dtype=torch.float64),
+                              torch.ones(20, dtype=torch.float64), reference_atoms=n),
+])
+def test_guidance_pull_per_atom_does_not_depend_on_cell_size(make_term):
+    """A 2×2×2 supercell holds the same material: each atom must feel the same guidance as in
+    the unit cell (the cell average's 1/N is undone), and without the size factor 1/8 of it."""
+    surrogate = ToySurrogate()
+    pos, cell, numbers = random_carbon(16, seed=7)
+    big_pos, big_cell, big_numbers = _supercell(pos, cell, numbers)
+    target = surrogate.mean_spectrum(pos + 0.05, cell, numbers).mean(0).detach()
+    small, _ = make_term(surrogate, target, 216)(pos, pos, cell, numbers, t=0.3)
+    big, log = make_term(surrogate, target, 216)(big_pos, big_pos, big_cell, big_numbers, t=0.3)
+    assert log["size_factor"] == pytest.approx(8 * 16 / 216)
+    torch.testing.assert_close(big, small.repeat(8, 1), rtol=1e-6, atol=1e-10)
+    plain, _ = make_term(surrogate, target, None)(big_pos, big_pos, big_cell, big_numbers, t=0.3)
+    plain_small, _ = make_term(surrogate, target, None)(pos, pos, cell, numbers, t=0.3)
+    torch.testing.assert_close(plain, plain_small.repeat(8, 1) / 8, rtol=1e-6, atol=1e-10)
+
+
+def test_size_factor_counts_absorbing_sites_of_a_mask():
+    term = SpectrumLikelihood(ToySurrogate(), torch.zeros(3), site_mask=torch.tensor([1, 0, 1.0]),
+                              reference_atoms=4)
+    assert term.size_factor(torch.full((3,), 6)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="reference_atoms"):
+        SpectrumLikelihood(reference_atoms=0)
 
 
 def test_inequality_feature_is_flat_when_satisfied():
@@ -88,7 +128,7 @@ def test_guided_score_carries_gradient_through_the_denoiser():
     x0 = prior.denoise(x, cell, numbers, t)
     energy = term.energy(x0, cell, numbers)[0]
     (grad,) = torch.autograd.grad(energy, x)
-    expected = prior.score(pos, cell, numbers, t).detach() - grad
+    expected = prior.score(pos, cell, numbers, t).detach() - term.size_factor(numbers) * grad
     torch.testing.assert_close(score, expected, rtol=1e-6, atol=1e-8)
     identity = GuidedScore(prior, cell, numbers, [term], through_denoiser=False, max_ratio=None)
     assert not torch.allclose(identity(pos, t), score)
