@@ -237,6 +237,23 @@ def default_checkpoint_path(name: str = DEFAULT_CHECKPOINT) -> Path:
     return xanesdiff.PACKAGE_ROOT / "checkpoints" / name
 
 
+SHIPPED_SURROGATES = {
+    "default": "forward_default.pt",  # M3GNet features + histograms: guidance and validation
+    "fast": "forward_fast.pt",        # histograms only: ≈20× cheaper gradient, for large cells
+    "judge": "forward_judge.pt",      # M3GNet-MatPES features, other seed: independent judge
+}
+"""Shipped surrogates by name; `load_surrogate("fast")` etc. (a file of that name wins)."""
+
+
+def surrogate_checkpoint_path(path: str | os.PathLike | None = None) -> Path:
+    """The checkpoint file for a path or a shipped name (`SHIPPED_SURROGATES`); None: default."""
+    if path is None or str(path) == "":
+        return default_checkpoint_path()
+    if str(path) in SHIPPED_SURROGATES and not Path(path).exists():
+        return default_checkpoint_path(SHIPPED_SURROGATES[str(path)])
+    return Path(path)
+
+
 def surrogate_from_checkpoint(ckpt: dict, source: str = "checkpoint",
                               backbone_path: str | None = None,
                               device: str | torch.device = "cpu") -> Surrogate:
@@ -279,15 +296,18 @@ def _with_backbone_path(cfg: dict, path: str) -> dict:
 
 def load_surrogate(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                    backbone_path: str | os.PathLike | None = None) -> Surrogate:
-    """Load a surrogate checkpoint; `None` loads the shipped ``checkpoints/forward_default.pt``.
+    """Load a surrogate checkpoint; `None` loads the shipped ``checkpoints/forward_default.pt``,
+    a name of `SHIPPED_SURROGATES` ("default", "fast", "judge") that shipped checkpoint.
 
     The M3GNet backbone is resolved with `resolve_asset` (the checkpoint's explicit path, else
     `$XANESDIFF_ASSETS`, else the user cache); `backbone_path` overrides it. The returned module
     is in eval mode with frozen parameters; gradients flow to positions and cell.
     """
-    path = Path(path) if path is not None and str(path) != "" else default_checkpoint_path()
+    path = surrogate_checkpoint_path(path)
     if not path.exists():
-        raise XanesdiffInputError("surrogate checkpoint does not exist", str(path))
+        raise XanesdiffInputError(
+            f"surrogate checkpoint does not exist (give a file, or a shipped name: "
+            f"{', '.join(SHIPPED_SURROGATES)})", str(path))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many types for a non-checkpoint file

@@ -22,7 +22,15 @@ from xanesdiff.runtime import fit_kept_memory
 
 GUIDED_STEP_MB_PER_ATOM = 1.5
 """Working set of one guided step (prior backward through x̂0 + surrogate forward/backward), MB
-per atom, without kept freed memory (3000 atoms, benchmarks/scale.json)."""
+per atom, without kept freed memory, with an M3GNet-feature surrogate (3000 atoms,
+benchmarks/scale.json); 0.6 with the descriptor-only (`fast`) surrogate (10⁴ atoms, kept heap)."""
+
+
+def guided_step_mb_per_atom(surrogate) -> float:
+    """The working set per atom of a guided step with this surrogate (MB)."""
+    featurizer = getattr(surrogate, "config", {}).get("featurizer", {"type": "m3gnet"})
+    kinds = [part.get("type") for part in featurizer.get("parts", [featurizer])]
+    return GUIDED_STEP_MB_PER_ATOM if set(kinds) - {"descriptor"} else 0.6
 
 
 class GuidedGenerator:
@@ -49,7 +57,7 @@ class GuidedGenerator:
         pos = self.prior.schedule.prior_sampling(n, cell_t, generator, dtype)
         terms = self.terms if guided else []
         if terms:
-            fit_kept_memory(n * GUIDED_STEP_MB_PER_ATOM)
+            fit_kept_memory(n * guided_step_mb_per_atom(self.surrogate))
         score_fn = GuidedScore(self.prior, cell_t, numbers, terms, self.through_denoiser,
                                self.max_ratio, self.refresh_every)
         self.prior.neighbors.clear()

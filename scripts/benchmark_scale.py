@@ -4,11 +4,12 @@
 
 Each point runs in its own process (so its peak memory is its own): one prior score step
 (neighbour list + e3nn forward) and one guided step (prior forward+backward through x̂0 plus the
-M3GNet surrogate's forward+backward on the whole cell) at 2.5 g/cm³, repeated and averaged.
-The exponent is the slope of log(time) against log(atoms). `--large N` also samples one N-atom
-cell with the default sampler (prior only) and compares its structure with 216-atom samples;
-`--large-guided` adds one guided N-atom sample with the `generate` defaults (in its own process;
-`--atoms` with no values keeps the curve already in --out and only adds the large cells).
+surrogate's forward+backward on the whole cell) at 2.5 g/cm³ with the default (M3GNet) and the
+fast (histogram) guidance surrogates side by side, repeated, the median kept. The exponent is the
+slope of log(time) against log(atoms). `--large N` also samples one N-atom cell with the default
+sampler (prior only) and compares its structure with 216-atom samples; `--large-guided` adds one
+guided N-atom sample with the `generate` defaults and the `--surrogate` guide (in its own
+process; `--atoms` with no values keeps the curve already in --out and only adds large cells).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ DENSITY = 2.5
 
 
 def measure_point(n_atoms: int, guided: bool, repeats: int) -> dict:
+    """Prior step time (s) and, if `guided`, guided step times with each shipped guide."""
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.diffusion.sampling import cubic_cell_for_density
     from xanesdiff.datasets.graph import wrap_positions
@@ -54,19 +56,20 @@ def measure_point(n_atoms: int, guided: bool, repeats: int) -> dict:
         from xanesdiff.guidance.spectrum import SpectrumLikelihood
         from xanesdiff.runtime import fit_kept_memory, memory_kept
 
-        fit_kept_memory(n_atoms * GUIDED_STEP_MB_PER_ATOM)  # as GuidedGenerator does
+        fit_kept_memory(n_atoms * GUIDED_STEP_MB_PER_ATOM)  # as GuidedGenerator does (M3GNet)
         result["large_blocks_mapped"] = not memory_kept()
 
-        surrogate = load_surrogate()
-        target = np.full(surrogate.grid.n_points, 0.22)
-        score = GuidedScore(prior, cell, numbers, [SpectrumLikelihood(surrogate, target)])
-        score(pos, 0.3)  # warm-up (the first call of a size also sizes the allocator's heap)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            score(pos, 0.3)
-            times.append(time.perf_counter() - start)
-        result["guided_step_s"] = float(np.median(times))
+        for name, key in (("default", "guided_step_s"), ("fast", "fast_guided_step_s")):
+            surrogate = load_surrogate(name)
+            target = np.full(surrogate.grid.n_points, 0.22)
+            score = GuidedScore(prior, cell, numbers, [SpectrumLikelihood(surrogate, target)])
+            score(pos, 0.3)  # warm-up (the first call of a size also sizes the allocator's heap)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                score(pos, 0.3)
+                times.append(time.perf_counter() - start)
+            result[key] = float(np.median(times))
     result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -95,9 +98,11 @@ def large_cell(n_atoms: int, n_small: int, n_steps: int) -> dict:
                     "sampler's score calls times the measured step times of this size"}
 
 
-def large_guided(n_atoms: int, n_small: int) -> dict:
-    """One guided `n_atoms` cell with the shipped `generate` settings (density given), target the
-    mean spectrum of a 2.49 g/cm³ frame; compared with `n_small` guided 216-atom cells."""
+def large_guided(n_atoms: int, n_small: int, guide: str = "default") -> dict:
+    """One guided `n_atoms` cell with the shipped `generate` settings (density given) and the
+    `guide` surrogate, target the mean spectrum of a 2.49 g/cm³ frame; compared with `n_small`
+    guided 216-atom cells. Spectra are judged as `generate` does: by the default surrogate
+    (validator) and the independent judge."""
     from omegaconf import OmegaConf
 
     from xanesdiff.analysis.structure import hybridization_fractions
@@ -110,8 +115,10 @@ def large_guided(n_atoms: int, n_small: int) -> dict:
 
     frame = next(f for f in load_dataset().frames if f.network == "rho2.49")
     target = frame.mean_spectrum.astype(np.float64)
-    prior, surrogate = load_prior(), load_surrogate()
-    cfg = OmegaConf.merge(compose_generate_config([]), {"target": frame.name})
+    prior, surrogate = load_prior(), load_surrogate(guide)
+    validator, judge = load_surrogate("default"), load_surrogate("judge")
+    cfg = OmegaConf.merge(compose_generate_config([f"models.surrogate={guide}"]),
+                          {"target": frame.name})
     terms = [term.bind(surrogate, target) for term in build_terms(cfg)]
     results = {}
     for n, seeds in ((n_atoms, [0]), (216, range(1, n_small + 1))):
@@ -119,13 +126,15 @@ def large_guided(n_atoms: int, n_small: int) -> dict:
         start = time.perf_counter()
         frames = [generator.generate(DENSITY, seed)[0] for seed in seeds]
         elapsed = time.perf_counter() - start
-        maes = [spectral_match(predict_members(surrogate, a).mean(0), target)["mae"]
-                for a in frames]
-        results[n] = {"s": elapsed, "mae": float(np.mean(maes)),
-                      **hybridization_fractions(frames)}
+        maes = {name: float(np.mean([spectral_match(predict_members(model, a).mean(0),
+                                                    target)["mae"] for a in frames]))
+                for name, model in (("mae", validator), ("judge_mae", judge))}
+        results[n] = {"s": elapsed, **maes, **hybridization_fractions(frames)}
     big, small = results[n_atoms], results[216]
     return {"atoms": n_atoms, "guided_s": big["s"], "target": frame.name,
+            "guided_surrogate": guide,
             "guided_mae": big["mae"], "guided_mae_216": small["mae"],
+            "guided_judge_mae": big["judge_mae"], "guided_judge_mae_216": small["judge_mae"],
             "guided_sp3": big["sp3"], "guided_sp3_216": small["sp3"],
             "guided_sp3_err": abs(big["sp3"] - small["sp3"]), "guided_cn1": big["cn1"],
             "guided_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -154,9 +163,11 @@ def add_sample_estimates(points: list[dict]) -> None:
     for p in points:
         p["sample_s"] = calls * p["step_s"]
         p["sample_s_note"] = f"estimated: {calls} score calls"
+        for step, sample in (("guided_step_s", "guided_sample_s"),
+                             ("fast_guided_step_s", "fast_guided_sample_s")):
+            if step in p:
+                p[sample] = guided_calls * p[step] + (calls - guided_calls) * p["step_s"]
         if "guided_step_s" in p:
-            p["guided_sample_s"] = (guided_calls * p["guided_step_s"]
-                                    + (calls - guided_calls) * p["step_s"])
             p["sample_s_note"] += f", {guided_calls} of them guided when guided"
 
 
@@ -188,6 +199,8 @@ def fit_exponents(points: list[dict]) -> dict:
             "guided_exponent": slope([p for p in guided if not p.get("large_blocks_mapped")],
                                      "guided_step_s"),
             "guided_exponent_all": slope(guided, "guided_step_s"),
+            "fast_guided_exponent": slope([p for p in guided if "fast_guided_step_s" in p],
+                                          "fast_guided_step_s"),
             "guided_exponent_note": "guided_exponent: points whose allocator kept freed memory; "
                                     "_all: also cells too large for that on this machine "
                                     "(large blocks mapped afresh, M3GNet recomputed)"}
@@ -210,6 +223,10 @@ def main(argv=None) -> None:
     parser.add_argument("--large-steps", type=int, default=100)
     parser.add_argument("--large-guided", action="store_true",
                         help="and one guided sample of the --large cell (its own process)")
+    parser.add_argument("--surrogate", default="default",
+                        help="guide of the --large-guided sample: default | fast | a checkpoint")
+    parser.add_argument("--small-samples", type=int, default=4,
+                        help="216-atom cells the large cells are compared with")
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--guided", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--guided-cell", type=int, help=argparse.SUPPRESS)
@@ -220,7 +237,8 @@ def main(argv=None) -> None:
         print(json.dumps(measure_point(args.point, args.guided, args.repeats)))
         return
     if args.guided_cell:
-        print(json.dumps(large_guided(args.guided_cell, n_small=4)))
+        print(json.dumps(large_guided(args.guided_cell, n_small=args.small_samples,
+                                      guide=args.surrogate)))
         return
     command = "python -m xanesdiff.scripts.benchmark_scale " + " ".join(
         sys.argv[1:] if argv is None else argv)
@@ -234,13 +252,15 @@ def main(argv=None) -> None:
         result["command"] += f"; then {command}"
         points = result["points"]
     if args.large and args.atoms:
-        result["large_cell"] = large_cell(args.large, n_small=4, n_steps=args.large_steps)
+        result["large_cell"] = large_cell(args.large, n_small=args.small_samples,
+                                          n_steps=args.large_steps)
         big = [p for p in points if p["atoms"] == args.large]
         if big and "guided_sample_s" in big[0]:
             result["large_cell"]["guided_s_estimate"] = big[0]["guided_sample_s"]
     if args.large and args.large_guided:
         cmd = [sys.executable, "-m", "xanesdiff.scripts.benchmark_scale", "--guided-cell",
-               str(args.large), "--threads", str(args.threads)]
+               str(args.large), "--threads", str(args.threads), "--surrogate", args.surrogate,
+               "--small-samples", str(args.small_samples)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         result.setdefault("large_cell", {}).update(json.loads(out.strip().splitlines()[-1]))
         result["large_cell"].pop("note", None)

@@ -76,11 +76,12 @@ def run(cfg: DictConfig) -> dict:
     (out / "samples").mkdir(parents=True, exist_ok=True)
 
     surrogate = load_surrogate(cfg.models.surrogate)
+    validator = _load_validator(cfg.models.validator, cfg.models.surrogate, surrogate)
     judge = _load_judge(cfg.models.judge, load_surrogate)
     prior = load_prior(cfg.models.prior)
     target = None
     if cfg.target is not None:
-        target = load_target(cfg.target, surrogate, **OmegaConf.to_container(cfg.target_prep))
+        target = load_target(cfg.target, validator, **OmegaConf.to_container(cfg.target_prep))
     terms = build_terms(cfg)
     for term in terms:
         term.bind(surrogate, None if target is None else target.spectrum)
@@ -118,13 +119,13 @@ def run(cfg: DictConfig) -> dict:
             frames.append(ase.io.read(path))
             continue
         atoms, gen_log = generator.generate(density, seed)
-        info = {**gen_log, **_spectral_info(atoms, target, surrogate, judge, validate_spectrum)}
+        info = {**gen_log, **_spectral_info(atoms, target, validator, judge, validate_spectrum)}
         if potential is not None:
             relaxed, energies = relax(atoms, potential, cfg.validation.relax_fmax_eV_A,
                                       cfg.validation.relax_steps)
             info.update(energies)
             if target is not None:
-                after = validate_spectrum(relaxed, target.spectrum, judge or surrogate)
+                after = validate_spectrum(relaxed, target.spectrum, judge or validator)
                 info["relaxed_mae"] = after["mae"]
         atoms.info.update({k: (v.tolist() if isinstance(v, np.ndarray) else v)
                            for k, v in info.items()})
@@ -136,7 +137,7 @@ def run(cfg: DictConfig) -> dict:
     structure = structure_report(frames, reference)
     plot_structure_report(structure, out / "structure.png",
                           title=f"generated at {density:.2f} g/cm³")
-    grid = surrogate.grid.energies_eV
+    grid = validator.grid.energies_eV
     predicted = [np.asarray(a.info["predicted"]) for a in frames]
     stds = [np.asarray(a.info["predicted_std"]) for a in frames]
     plot_spectra(out / "spectra.png", grid, None if target is None else target.spectrum,
@@ -166,6 +167,16 @@ def run(cfg: DictConfig) -> dict:
     write_json(out / "report.json", report)
     log.info("wrote %d structures and report.json to %s", len(frames), out)
     return report
+
+
+def _load_validator(validator_path, guide_path, guide):
+    """The surrogate whose prediction validates each structure: the guide itself when both name
+    the same checkpoint (e.g. the defaults), else its own (e.g. guide `fast`, validate `default`)."""
+    from xanesdiff.forward.surrogate import load_surrogate, surrogate_checkpoint_path
+
+    same = (surrogate_checkpoint_path(validator_path).resolve()
+            == surrogate_checkpoint_path(guide_path).resolve())
+    return guide if same else load_surrogate(validator_path)
 
 
 def _load_judge(path, load_surrogate):

@@ -45,9 +45,10 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def test_rotation_translation_permutation_equivariance(cell_and_pos):
+@pytest.mark.parametrize("irreps", [{}, {"irreps_hidden": "8x0e + 4x1o + 2x2e + 2x3o", "lmax": 3}])
+def test_rotation_translation_permutation_equivariance(cell_and_pos, irreps):
     cell, pos, numbers = cell_and_pos
-    model = small_model()
+    model = small_model(**irreps)
     ref = scores(model, pos, cell, numbers)
     assert ref.norm() > 0
     torch.manual_seed(3)

@@ -40,7 +40,7 @@ def run_generate(models: Path, out: Path, *overrides: str, check=True):
     env = {**os.environ, "XANESDIFF_THREADS": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "xanesdiff.scripts.cli", "generate", f"out={out}",
            f"models.prior={models / 'prior.pt'}", f"models.surrogate={models / 'guide.pt'}",
-           f"models.judge={models / 'judge.pt'}", "n_atoms=32", "sampler.n_steps=3",
+           f"models.validator={models / 'guide.pt'}", f"models.judge={models / 'judge.pt'}", "n_atoms=32", "sampler.n_steps=3",
            "sampler.n_corrector=1", "sampler.final_corrector_steps=1",
            *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
@@ -85,6 +85,34 @@ def test_generate_writes_validated_structures_and_resumes(tiny_models, tmp_path)
     proc = run_generate(tiny_models, out, f"target={target}", "n=1", "density=3.0", check=False)
     assert proc.returncode == 2 and "different request" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_validator_other_than_the_guide_predicts_the_reported_spectra(tiny_models, tmp_path):
+    """Guide with one surrogate, validate with another: the reported prediction is the
+    validator's (here the judge checkpoint, so `mae` must equal `judge_mae`)."""
+    target = REPO / "examples" / "target_rho2.5.csv"
+    out = tmp_path / "validated"
+    run_generate(tiny_models, out, f"target={target}", "n=1", "density=2.5",
+                 f"models.validator={tiny_models / 'judge.pt'}")
+    atoms = ase.io.read(out / "structures.extxyz")
+    assert atoms.info["mae"] == pytest.approx(atoms.info["judge_mae"], rel=1e-9)
+    plain = tmp_path / "plain"
+    run_generate(tiny_models, plain, f"target={target}", "n=1", "density=2.5")
+    guided_alike = ase.io.read(plain / "structures.extxyz")
+    np.testing.assert_allclose(guided_alike.positions, atoms.positions, atol=1e-6)
+    assert guided_alike.info["mae"] != pytest.approx(guided_alike.info["judge_mae"], rel=1e-6)
+
+
+def test_shipped_surrogates_load_by_name():
+    from xanesdiff.datasets.errors import XanesdiffInputError
+    from xanesdiff.forward.surrogate import (SHIPPED_SURROGATES, load_surrogate,
+                                             surrogate_checkpoint_path)
+
+    for name, file in SHIPPED_SURROGATES.items():
+        assert surrogate_checkpoint_path(name).name == file and surrogate_checkpoint_path(name).exists()
+    assert load_surrogate("fast").config["featurizer"]["type"] == "descriptor"
+    with pytest.raises(XanesdiffInputError, match="shipped name: default, fast, judge"):
+        load_surrogate("quick")
 
 
 def test_generate_infers_density_and_steers_without_target(tiny_models, tmp_path):
