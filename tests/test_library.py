@@ -450,3 +450,12 @@ def test_diverged_sampling_is_recorded_and_not_retried(tmp_path, target_file, mo
     assert "NonFiniteSampleError" in rows[1].data["provenance"]["error"]
     monkeypatch.setattr(GuidedGenerator, "generate", original)
     assert build(args)["generated_now"] == {"accepted": 0, "rejected": 0}
+
+
+def test_library_models_accept_shipped_surrogate_names():
+    from xanesdiff.library.models import load_models
+
+    models = load_models({"surrogate": "fast", "judge": "judge"})
+    assert models.provenance["surrogate"]["path"].endswith("forward_fast.pt")
+    assert models.provenance["judge"]["path"].endswith("forward_judge.pt")
+    assert models.surrogate.config["featurizer"]["type"] == "descriptor"
