@@ -4,7 +4,7 @@
 
 Targets: for each held-out interior density (2.0, 2.5, 3.0) the *simulated* mean spectrum of
 one frame of that network. The guidance surrogate (the shipped default's recipe: M3GNet-MP
-features + radial/angular histograms, seed 0) and the judge (the shipped judge's recipe:
+features + radial/angular histograms, seed 0; `--guide fast`: the histograms alone) and the judge (the shipped judge's recipe:
 M3GNet-MatPES features, seed 1) are both retrained here without that network; the prior is the
 shipped one trained without that density when it exists (`checkpoints/prior_without_D.pt`,
 reported as `prior_held_out: true`), else the default prior (`false`: the prior has seen the
@@ -36,7 +36,7 @@ from xanesdiff.analysis.structure import hybridization_fractions
 from xanesdiff.datasets.dataset import load_dataset
 from xanesdiff.datasets.splits import leave_one_density_out
 from xanesdiff.diffusion.prior import load_prior
-from xanesdiff.forward.surrogate import load_surrogate, train_surrogate
+from xanesdiff.forward.surrogate import SHIPPED_SURROGATES, load_surrogate, train_surrogate
 from xanesdiff.guidance.features import SpectralFeature
 from xanesdiff.guidance.report import write_json
 from xanesdiff.guidance.request import build_terms, compose_generate_config, make_generator
@@ -77,7 +77,8 @@ def judged_spectrum(judge, frames) -> np.ndarray:
 
 def held_out_target(dataset, density: float, args) -> dict:
     split = leave_one_density_out(dataset, density)
-    guide = train_surrogate(split.train, dataset.grid, **recipe_of("forward_default.pt"))
+    guide_file = SHIPPED_SURROGATES.get(args.guide, args.guide)
+    guide = train_surrogate(split.train, dataset.grid, **recipe_of(guide_file))
     judge = train_surrogate(split.train, dataset.grid, **recipe_of("forward_judge.pt"))
     prior, prior_held_out, prior_name = prior_for(density)
     target = split.test[0].mean_spectrum.astype(np.float64)
@@ -102,7 +103,7 @@ def held_out_target(dataset, density: float, args) -> dict:
             "judged_mae": spectral_match(judged, target)["mae"],
             "judged_spearman": spectral_match(judged, target)["spearman"],
             "guide_mae": spectral_match(guide_pred, target)["mae"],
-            "prior": prior_name, "prior_held_out": prior_held_out,
+            "prior": prior_name, "prior_held_out": prior_held_out, "guide": args.guide,
             "target_frame": split.test[0].name, "n_samples": len(frames),
             "wall_s": time.perf_counter() - start}
 
@@ -147,6 +148,9 @@ def main(argv=None) -> None:
                         help="configs/density_search/ method used to infer the density")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra generate-config overrides, e.g. guided_score.max_ratio=4")
+    parser.add_argument("--guide", default="default",
+                        help="recipe of the guidance surrogate retrained per split: a shipped "
+                             "name (default | fast) or a checkpoint file in checkpoints/")
     parser.add_argument("--skip-steering", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few sampler steps (smoke test)")
     parser.add_argument("--out", default="benchmarks/guidance.json")
