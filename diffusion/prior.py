@@ -77,6 +77,14 @@ class DiffusionPrior:
         return self
 
 
+def learned_state(state_dict: dict) -> dict:
+    """The state without e3nn's code-generated constants: a deep copy of a compiled tensor product
+    (the EMA model is one) lists its Wigner-3j constant as `..._compiled_main_*._tensor_constantK`,
+    which a freshly built model does not have; every model rebuilds it from its irreps."""
+    return {k: v for k, v in state_dict.items()
+            if not ("._compiled_main" in k and "._tensor_constant" in k)}
+
+
 def save_prior(path: str | os.PathLike, score_model: EquivariantScoreModel, schedule: VESchedule,
                metadata: dict | None = None) -> Path:
     """Write a self-describing prior checkpoint (kind, version, constructor config, weights),
@@ -91,7 +99,8 @@ def save_prior(path: str | os.PathLike, score_model: EquivariantScoreModel, sche
         "xanesdiff_version": xanesdiff.__version__,
         "score_model": {"class": type(score_model).__name__, "config": score_model.config()},
         "schedule": schedule.config(),
-        "state_dict": {k: v.detach().cpu().float() for k, v in score_model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().float()
+                       for k, v in learned_state(score_model.state_dict()).items()},
         "metadata": dict(metadata or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -126,6 +135,6 @@ def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0) -> Di
             f"checkpoint version {payload.get('version')!r} is not supported (expected "
             f"{CHECKPOINT_VERSION}); retrain or use a matching xanesdiff", str(path))
     model = EquivariantScoreModel(**payload["score_model"]["config"])
-    model.load_state_dict(payload["state_dict"])
+    model.load_state_dict(learned_state(payload["state_dict"]))
     schedule = schedule_from_config(payload["schedule"])
     return DiffusionPrior(model, schedule, skin_A=skin_A, metadata=payload.get("metadata"))

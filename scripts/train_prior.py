@@ -32,11 +32,12 @@ def warm_start(score_model, path: str) -> None:
     """Start from the (EMA) weights of an exported prior; its architecture must match, except
     that a density embedding the source lacks is added (it starts at zero: same scores)."""
     from xanesdiff.datasets.errors import XanesdiffInputError
-    from xanesdiff.diffusion.prior import load_prior
+    from xanesdiff.diffusion.prior import learned_state, load_prior
 
     source = load_prior(path).score_model
     try:
-        missing, unexpected = score_model.load_state_dict(source.state_dict(), strict=False)
+        missing, unexpected = score_model.load_state_dict(learned_state(source.state_dict()),
+                                                          strict=False)
         not_new = [k for k in missing if not k.startswith("density_embedding.")]
         problem = (f"missing keys {not_new[:3]}, unexpected keys {unexpected[:3]}"
                    if not_new or unexpected else None)

@@ -122,6 +122,31 @@ def test_checkpoint_round_trip_and_wrong_kind(tmp_path, tiny_prior):
         load_prior(tmp_path / "missing.pt")
 
 
+def test_deep_copied_high_order_model_saves_and_loads(tmp_path):
+    """An EMA copy (deepcopy) of a model with l = 2, 3 features lists e3nn's generated constants
+    in its state; its checkpoint must still load into a fresh model and give the same scores."""
+    import copy
+
+    from xanesdiff.datasets.graph import periodic_graph
+    from xanesdiff.diffusion.schedule import VESchedule
+    from xanesdiff.diffusion.score_model import EquivariantScoreModel
+
+    torch.manual_seed(0)
+    model = EquivariantScoreModel(cutoff_A=3.0, irreps_hidden="32x0e + 16x1o + 8x2e + 4x3o",
+                                  n_layers=3, lmax=3, radial_hidden=8, n_basis=4,
+                                  n_noise_features=8)
+    ema = copy.deepcopy(model)
+    assert any("_tensor_constant" in k for k in ema.state_dict())
+    path = save_prior(tmp_path / "angular.pt", ema, VESchedule())
+    loaded = load_prior(path).score_model
+    cell = torch.eye(3) * 7.0
+    pos = torch.rand((30, 3), generator=torch.Generator().manual_seed(1)) @ cell
+    numbers = torch.full((30,), 6)
+    g = periodic_graph(pos, cell, numbers, 3.0)
+    args = (pos, cell[None], numbers, torch.tensor(0.3), g.edge_index, g.edge_shift.float())
+    torch.testing.assert_close(loaded(*args), ema(*args))
+
+
 def _cli(*args, cwd):
     env = dict(os.environ, XANESDIFF_THREADS="1")
     return subprocess.run([sys.executable, "-m", "xanesdiff.scripts.cli", *args], cwd=cwd,
