@@ -26,11 +26,15 @@ per atom, without kept freed memory, with an M3GNet-feature surrogate (3000 atom
 benchmarks/scale.json); 0.6 with the descriptor-only (`fast`) surrogate (10⁴ atoms, kept heap)."""
 
 
+def descriptor_only(surrogate) -> bool:
+    """True for a surrogate on radial/angular histograms alone (cheap to differentiate)."""
+    featurizer = getattr(surrogate, "config", {}).get("featurizer", {"type": "m3gnet"})
+    return {part.get("type") for part in featurizer.get("parts", [featurizer])} == {"descriptor"}
+
+
 def guided_step_mb_per_atom(surrogate) -> float:
     """The working set per atom of a guided step with this surrogate (MB)."""
-    featurizer = getattr(surrogate, "config", {}).get("featurizer", {"type": "m3gnet"})
-    kinds = [part.get("type") for part in featurizer.get("parts", [featurizer])]
-    return GUIDED_STEP_MB_PER_ATOM if set(kinds) - {"descriptor"} else 0.6
+    return 0.6 if descriptor_only(surrogate) else GUIDED_STEP_MB_PER_ATOM
 
 
 class GuidedGenerator:

@@ -171,11 +171,11 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _advise_fast_guide(n_atoms: int, guide) -> None:
-    """Large cells with an M3GNet guide take hours on a CPU: say so, and what is faster."""
-    from xanesdiff.guidance.pipeline import guided_step_mb_per_atom
+    """Large cells with a learned-feature guide take hours on a CPU: say so, and what is faster."""
+    from xanesdiff.guidance.pipeline import descriptor_only
 
-    if n_atoms > 3000 and guided_step_mb_per_atom(guide) > 1.0:
-        log.warning("%d atoms with an M3GNet-feature guide: ≈1 h per structure for 10⁴ atoms on "
+    if n_atoms > 3000 and not descriptor_only(guide):
+        log.warning("%d atoms with a learned-feature guide: ≈1 h per structure for 10⁴ atoms on "
                     "2 CPU cores; models.surrogate=fast guides in ≈6 min (validation still uses "
                     "models.validator)", n_atoms)
 

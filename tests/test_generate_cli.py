@@ -115,6 +115,23 @@ def test_shipped_surrogates_load_by_name():
         load_surrogate("quick")
 
 
+def test_guided_memory_estimate_follows_the_guide():
+    """Histogram-only guides get the small working-set estimate; anything with learned
+    (M3GNet, GNN) features, alone or next to histograms, the large one."""
+    from types import SimpleNamespace
+
+    from xanesdiff.guidance.pipeline import descriptor_only, guided_step_mb_per_atom
+
+    hist = {"type": "descriptor"}
+    cases = {"descriptor": (hist, True), "m3gnet": ({"type": "m3gnet"}, False),
+             "concat": ({"type": "concat", "parts": [{"type": "m3gnet"}, hist]}, False),
+             "gnn": ({"type": "gnn_scratch"}, False)}
+    for name, (featurizer, expected) in cases.items():
+        guide = SimpleNamespace(config={"featurizer": featurizer})
+        assert descriptor_only(guide) is expected, name
+        assert (guided_step_mb_per_atom(guide) < 1.0) is expected, name
+
+
 def test_generate_infers_density_and_steers_without_target(tiny_models, tmp_path):
     target = REPO / "examples" / "target_rho2.5.csv"
     out = tmp_path / "infer"
