@@ -25,10 +25,34 @@ def predict_members(surrogate, atoms) -> np.ndarray:
     return members.numpy()
 
 
+OUTLIER_SITE_FACTOR = 10.0
+"""A site whose predicted peak exceeds this × the structure's median site peak is an outlier: an
+environment far outside the training data (e.g. a pair closer than 1 Å), whose prediction can
+dominate the mean spectrum of a large cell."""
+
+
+def outlier_sites(site_spectra: np.ndarray, absorber_indices: np.ndarray) -> list[int]:
+    """Atom indices of the outlier sites of one structure's (N_abs, M) site spectra."""
+    peaks = site_spectra.max(1)
+    threshold = OUTLIER_SITE_FACTOR * max(float(np.median(peaks)), 1e-12)
+    return [int(i) for i in absorber_indices[peaks > threshold]]
+
+
 def validate_spectrum(atoms, target: np.ndarray | None, surrogate, prefix: str = "") -> dict:
-    """Prediction (ensemble mean and σ) and, given a target, its match. Keys get `prefix`."""
-    members = predict_members(surrogate, atoms)
-    result = {f"{prefix}predicted": members.mean(0), f"{prefix}predicted_std": members.std(0)}
+    """Prediction (ensemble mean and σ), the atoms whose site predictions are outliers (see
+    `OUTLIER_SITE_FACTOR`) and, given a target, the match. Keys get `prefix`."""
+    with torch.no_grad():
+        sites = surrogate.site_spectra(torch.tensor(atoms.positions, dtype=torch.float32),
+                                       torch.tensor(atoms.cell.array, dtype=torch.float32),
+                                       torch.tensor(atoms.numbers)).numpy()
+    members = sites.mean(1)
+    absorbers = (np.flatnonzero(surrogate.absorber_mask(torch.tensor(atoms.numbers)).numpy())
+                 if hasattr(surrogate, "absorber_mask") else np.arange(sites.shape[1]))
+    outliers = outlier_sites(sites.mean(0), absorbers)
+    result = {f"{prefix}predicted": members.mean(0), f"{prefix}predicted_std": members.std(0),
+              f"{prefix}outlier_sites": len(outliers)}
+    if outliers:  # (an empty string would not survive an extxyz comment line)
+        result[f"{prefix}outlier_atoms"] = ",".join(map(str, outliers))
     if target is not None:
         result.update({f"{prefix}{k}": v for k, v in
                        spectral_match(members.mean(0), target).items()})

@@ -121,6 +121,11 @@ def run(cfg: DictConfig) -> dict:
             continue
         atoms, gen_log = generator.generate(density, seed)
         info = {**gen_log, **_spectral_info(atoms, target, validator, judge, validate_spectrum)}
+        if info["outlier_sites"]:
+            log.warning("structure %d: the validator's prediction at %d site(s) (atoms %s) is over "
+                        "10× the typical site's: environments unlike the training data, e.g. a "
+                        "pair closer than 1.1 Å; they can dominate the mean spectrum and its MAE",
+                        i, info["outlier_sites"], info["outlier_atoms"])
         if potential is not None:
             relaxed, energies = relax(atoms, potential, cfg.validation.relax_fmax_eV_A,
                                       cfg.validation.relax_steps)

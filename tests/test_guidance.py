@@ -284,3 +284,20 @@ def test_reference_density_without_reference_data_says_how_to_do_without(tmp_pat
 
     with pytest.raises(MissingAssetError, match="density_search=scan"):
         ReferenceDensity(dataset=str(tmp_path / "nowhere")).curve(np.linspace(280, 300, 10))
+
+
+def test_outlier_sites_are_named_by_atom_index():
+    from xanesdiff.guidance.validation import outlier_sites, validate_spectrum
+
+    sites = np.ones((5, 4))
+    sites[3, 2] = 50.0                                   # one site's peak 50× the median
+    assert outlier_sites(sites, np.array([0, 2, 4, 6, 8])) == [6]
+    assert outlier_sites(np.ones((5, 4)), np.arange(5)) == []
+
+    from ase import Atoms
+
+    pos, cell, _ = random_carbon(16, seed=8)
+    atoms = Atoms("C16", positions=pos.numpy(), cell=cell.numpy(), pbc=True)
+    result = validate_spectrum(atoms, None, ToySurrogate())
+    assert result["outlier_sites"] == 0 and "outlier_atoms" not in result
+    assert result["predicted"].shape == (TOY_GRID.n_points,)
