@@ -146,15 +146,28 @@ def large_guided(n_atoms: int, n_small: int, guide: str = "default") -> dict:
 
 
 def sample_calls() -> tuple[int, int]:
-    """(score calls, guided calls) of the default `generate` sampler: pc makes
-    n_steps × (1 + n_corrector) + final_corrector_steps + 1 score calls; the guidance is refreshed
-    every `refresh_every` calls (once per pc step), the other calls cost a prior step."""
+    """(score calls, guidance refreshes) of one `generate` sample with the shipped settings,
+    counted by running its sampler on a two-atom dummy with a zero score: a call refreshes the
+    guidance when a guidance term is active at its t and it is the first, or every
+    `refresh_every`-th, active call (as `GuidedScore` does)."""
+    from hydra.utils import instantiate
+
+    from xanesdiff.diffusion.schedule import VESchedule
+    from xanesdiff.guidance.base import TimeWindow
     from xanesdiff.guidance.request import compose_generate_config
 
     cfg = compose_generate_config([])
-    calls = (cfg.sampler.n_steps * (1 + cfg.sampler.n_corrector)
-             + cfg.sampler.final_corrector_steps + int(cfg.sampler.final_denoise))
-    return calls, -(-calls // cfg.guided_score.refresh_every)
+    sampler = instantiate(cfg.sampler, schedule=VESchedule())
+    times: list[float] = []
+
+    def record(pos, t):
+        times.append(float(t))
+        return torch.zeros_like(pos)
+
+    sampler.sample(torch.zeros(2, 3), record, lambda x: x, torch.Generator().manual_seed(0))
+    windows = [TimeWindow(**spec.schedule) for spec in cfg.guidance.values()]
+    active = sum(1 for t in times if any(window(t) > 0 for window in windows))
+    return len(times), -(-active // cfg.guided_score.refresh_every)
 
 
 def add_sample_estimates(points: list[dict]) -> None:
