@@ -238,9 +238,9 @@ def default_checkpoint_path(name: str = DEFAULT_CHECKPOINT) -> Path:
 
 
 SHIPPED_SURROGATES = {
-    "default": "forward_default.pt",  # M3GNet features + histograms: guidance and validation
-    "fast": "forward_fast.pt",        # histograms only: ≈20× cheaper gradient, for large cells
-    "judge": "forward_judge.pt",      # M3GNet-MatPES features, other seed: independent judge
+    "default": DEFAULT_CHECKPOINT,  # M3GNet features + histograms: guidance and validation
+    "fast": "forward_fast.pt",      # histograms only: ≈20× cheaper gradient, for large cells
+    "judge": JUDGE_CHECKPOINT,      # M3GNet-MatPES features, other seed: independent judge
 }
 """Shipped surrogates by name; `load_surrogate("fast")` etc. (a file of that name wins)."""
 

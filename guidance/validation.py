@@ -16,13 +16,18 @@ def spectral_match(predicted: np.ndarray, target: np.ndarray) -> dict:
             "cosine": cosine}
 
 
+def predict_sites(surrogate, atoms) -> np.ndarray:
+    """Ensemble members' per-site spectra (K, N_abs, M) of an ASE structure."""
+    with torch.no_grad():
+        sites = surrogate.site_spectra(torch.tensor(atoms.positions, dtype=torch.float32),
+                                       torch.tensor(atoms.cell.array, dtype=torch.float32),
+                                       torch.tensor(atoms.numbers))
+    return sites.numpy()
+
+
 def predict_members(surrogate, atoms) -> np.ndarray:
     """Ensemble members' mean spectra (K, M) of an ASE structure."""
-    with torch.no_grad():
-        members = surrogate.mean_spectrum(torch.tensor(atoms.positions, dtype=torch.float32),
-                                          torch.tensor(atoms.cell.array, dtype=torch.float32),
-                                          torch.tensor(atoms.numbers))
-    return members.numpy()
+    return predict_sites(surrogate, atoms).mean(1)
 
 
 OUTLIER_SITE_FACTOR = 10.0
@@ -41,10 +46,7 @@ def outlier_sites(site_spectra: np.ndarray, absorber_indices: np.ndarray) -> lis
 def validate_spectrum(atoms, target: np.ndarray | None, surrogate, prefix: str = "") -> dict:
     """Prediction (ensemble mean and σ), the atoms whose site predictions are outliers (see
     `OUTLIER_SITE_FACTOR`) and, given a target, the match. Keys get `prefix`."""
-    with torch.no_grad():
-        sites = surrogate.site_spectra(torch.tensor(atoms.positions, dtype=torch.float32),
-                                       torch.tensor(atoms.cell.array, dtype=torch.float32),
-                                       torch.tensor(atoms.numbers)).numpy()
+    sites = predict_sites(surrogate, atoms)
     members = sites.mean(1)
     absorbers = (np.flatnonzero(surrogate.absorber_mask(torch.tensor(atoms.numbers)).numpy())
                  if hasattr(surrogate, "absorber_mask") else np.arange(sites.shape[1]))

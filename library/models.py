@@ -71,8 +71,6 @@ def resolve_factory(dotted: str):
 
 def load_models(models_cfg: dict) -> LibraryModels:
     """Models from a `models` config mapping (see the module docstring)."""
-    import xanesdiff
-
     cfg = dict(models_cfg or {})
     if cfg.get("factory"):
         kwargs = dict(cfg.get("factory_kwargs") or {})
@@ -91,15 +89,14 @@ def load_models(models_cfg: dict) -> LibraryModels:
     from xanesdiff.diffusion.prior import default_prior_path, load_prior
     from xanesdiff.forward.surrogate import load_surrogate, surrogate_checkpoint_path
 
-    checkpoints = xanesdiff.PACKAGE_ROOT / "checkpoints"
     prior, prior_info = _checkpoint("prior", cfg.get("prior") or default_prior_path(), load_prior)
     surrogate, surrogate_info = _checkpoint(  # a path, or a shipped name such as "fast"
         "surrogate", surrogate_checkpoint_path(cfg.get("surrogate")), load_surrogate)
     provenance = {"prior": prior_info, "surrogate": surrogate_info}
     judge = None
     judge_path = cfg.get("judge")
-    if judge_path is None and (checkpoints / "forward_judge.pt").exists():
-        judge_path = checkpoints / "forward_judge.pt"
+    if judge_path is None and surrogate_checkpoint_path("judge").exists():
+        judge_path = "judge"
     if judge_path not in (None, False, "none"):
         judge, provenance["judge"] = _checkpoint("judge", surrogate_checkpoint_path(judge_path),
                                                  load_surrogate)

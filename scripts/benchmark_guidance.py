@@ -111,7 +111,7 @@ def held_out_target(dataset, density: float, args) -> dict:
 def steering(args) -> dict:
     prior = load_prior()
     surrogate = load_surrogate()
-    judge = load_surrogate(CHECKPOINTS / "forward_judge.pt")
+    judge = load_surrogate("judge")
     cfg = generate_config(args, "steer=pi_star_up")
     (term,) = [t.bind(surrogate) for t in build_terms(cfg)]
     generator = make_generator(cfg, prior, surrogate, [term])

@@ -196,10 +196,10 @@ def _load_validator(validator_path, guide_path, guide):
 
 
 def _load_judge(path, load_surrogate):
-    import xanesdiff
+    from xanesdiff.forward.surrogate import surrogate_checkpoint_path
 
     if path is None:
-        default = xanesdiff.PACKAGE_ROOT / "checkpoints" / "forward_judge.pt"
+        default = surrogate_checkpoint_path("judge")
         return load_surrogate(default) if default.exists() else None
     return load_surrogate(path)
 
