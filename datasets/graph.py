@@ -99,14 +99,28 @@ def collate(graphs: list[Data]) -> Batch:
     return Batch.from_data_list(graphs)
 
 
+def _atom_cells(cell_A: torch.Tensor, batch: torch.Tensor | None, n: int) -> torch.Tensor:
+    cell = cell_A.reshape(-1, 3, 3)
+    return cell[batch] if (batch is not None and cell.shape[0] > 1) else cell[0].expand(n, 3, 3)
+
+
+def fractional(vectors_A: torch.Tensor, cell_A: torch.Tensor,
+               batch: torch.Tensor | None = None) -> torch.Tensor:
+    """Fractional coordinates (N,3) of Cartesian vectors (Å) in their (batched) cell."""
+    atom_cell = _atom_cells(cell_A, batch, vectors_A.shape[0])
+    return torch.linalg.solve(atom_cell.transpose(1, 2), vectors_A.unsqueeze(-1)).squeeze(-1)
+
+
+def fractional_to_cartesian(frac: torch.Tensor, cell_A: torch.Tensor,
+                            batch: torch.Tensor | None = None) -> torch.Tensor:
+    """Cartesian vectors (N,3) in Å of fractional coordinates in their (batched) cell."""
+    return torch.einsum("nk,nkl->nl", frac, _atom_cells(cell_A, batch, frac.shape[0]))
+
+
 def _reduce_fractional(vectors_A: torch.Tensor, cell_A: torch.Tensor,
                        batch: torch.Tensor | None, reduce) -> torch.Tensor:
     """Apply `reduce` to the fractional coordinates of Cartesian vectors (Å), per graph."""
-    cell = cell_A.reshape(-1, 3, 3)
-    atom_cell = cell[batch] if (batch is not None and cell.shape[0] > 1) else cell[0].expand(
-        vectors_A.shape[0], 3, 3)
-    frac = torch.linalg.solve(atom_cell.transpose(1, 2), vectors_A.unsqueeze(-1)).squeeze(-1)
-    return torch.einsum("nk,nkl->nl", reduce(frac), atom_cell)
+    return fractional_to_cartesian(reduce(fractional(vectors_A, cell_A, batch)), cell_A, batch)
 
 
 def wrap_positions(pos: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor | None = None

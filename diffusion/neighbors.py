@@ -3,6 +3,11 @@
 Edges are built with cutoff + skin; they stay valid (contain every pair within the cutoff) until
 some atom has moved more than skin/2 since the last build. The score model drops the extra edges
 beyond its cutoff, so results equal those of a fresh graph. Works on a batch of cells.
+
+Samplers wrap positions back into the cell after every step, so an atom that crosses a cell face
+jumps by a lattice vector without moving. Its edges keep their meaning only if their image shifts
+follow the jump: `get` adds each atom's whole-cell jumps since the build to the shifts of its
+edges (without this, such an atom lost every neighbour across that face until the next rebuild).
 """
 
 from __future__ import annotations
@@ -10,8 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from xanesdiff.datasets.graph import periodic_neighbor_list
-from xanesdiff.datasets.graph import minimum_image
+from xanesdiff.datasets.graph import fractional, fractional_to_cartesian, periodic_neighbor_list
 
 
 class NeighborListCache:
@@ -23,13 +27,17 @@ class NeighborListCache:
     def clear(self):
         self._pos = self._cell = self._batch = self._edges = None
 
-    def _valid(self, pos, cell, batch) -> bool:
+    def _lattice_jumps(self, pos, cell, batch) -> torch.Tensor | None:
+        """Whole-cell translations (N,3), in cell vectors, of each atom since the last build, or
+        None when the edges must be rebuilt (other cells, or an atom moved more than skin/2)."""
         if self._pos is None or self._pos.shape != pos.shape or self._cell.shape != cell.shape:
-            return False
+            return None
         if not torch.equal(self._cell, cell) or not torch.equal(self._batch, batch):
-            return False
-        moved = minimum_image(pos - self._pos, cell, batch).norm(dim=-1).max()
-        return bool(moved <= 0.5 * self.skin_A)
+            return None
+        frac = fractional(pos - self._pos, cell, batch)
+        jumps = torch.round(frac)
+        moved = fractional_to_cartesian(frac - jumps, cell, batch).norm(dim=-1).max()
+        return jumps if bool(moved <= 0.5 * self.skin_A) else None
 
     def get(self, pos_A: torch.Tensor, cell_A: torch.Tensor, batch: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +46,15 @@ class NeighborListCache:
         cell = cell_A.detach().reshape(-1, 3, 3)
         if batch is None:
             batch = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
-        if not self._valid(pos, cell, batch):
+        jumps = self._lattice_jumps(pos, cell, batch)
+        if jumps is None:
             self._build(pos, cell, batch)
-        return self._edges
+            return self._edges
+        edge_index, edge_shift = self._edges
+        if bool(jumps.any()):  # r_i → r_i + n_i·cell: shift S_ij → S_ij + n_i − n_j
+            src, dst = edge_index
+            edge_shift = edge_shift + (jumps[src] - jumps[dst]).to(edge_shift.dtype)
+        return edge_index, edge_shift
 
     def _build(self, pos, cell, batch):
         counts = torch.bincount(batch, minlength=cell.shape[0])

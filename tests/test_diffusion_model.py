@@ -168,6 +168,34 @@ def test_skin_graph_equals_fresh_graph(cell_and_pos):
     assert cache.n_builds == 2
 
 
+@pytest.mark.parametrize("n_cells", [1, 3])
+def test_cached_graph_follows_atoms_wrapped_across_cell_faces(cell_and_pos, n_cells):
+    # Samplers wrap positions after every step: an atom that crosses a face jumps by a lattice
+    # vector without moving. The cached graph must still describe the same neighbours (a stale
+    # image shift once dropped all of that atom's edges across the face).
+    cell, pos, numbers = cell_and_pos
+    model = small_model()
+    cells = cell.unsqueeze(0).repeat(n_cells, 1, 1)
+    batch = torch.arange(n_cells).repeat_interleave(pos.shape[0])
+    gen = torch.Generator().manual_seed(3)
+    start = torch.cat([pos + 0.1 * k for k in range(n_cells)])
+    all_numbers = numbers.repeat(n_cells)
+    sigma = torch.tensor(0.3, dtype=torch.float64)
+    cache = NeighborListCache(model.cutoff_A, skin_A=1.0)
+    cache.get(wrap_positions(start, cells, batch), cells, batch)
+    moved = wrap_positions(start + 0.3 * (torch.rand(start.shape, generator=gen,
+                                                       dtype=torch.float64) - 0.5), cells, batch)
+    frac_before = torch.linalg.solve(cell.T, wrap_positions(start, cells, batch).T).T
+    frac_after = torch.linalg.solve(cell.T, moved.T).T
+    assert ((frac_before - frac_after).abs() > 0.5).any(), "no atom crossed a face: weak test"
+    edge_index, edge_shift = cache.get(moved, cells, batch)
+    assert cache.n_builds == 1  # reused, not rebuilt
+    cached = model(moved, cells, all_numbers, sigma, edge_index, edge_shift, batch)
+    fresh_cache = NeighborListCache(model.cutoff_A, skin_A=1.0)
+    fresh = model(moved, cells, all_numbers, sigma, *fresh_cache.get(moved, cells, batch), batch)
+    assert rel_err(cached, fresh) < 1e-10
+
+
 def test_score_is_smooth_when_neighbours_cross_cutoff():
     model = small_model()
     cell = torch.eye(3, dtype=torch.float64) * 12.0
