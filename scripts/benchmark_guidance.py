@@ -35,6 +35,7 @@ import xanesdiff
 from xanesdiff.analysis.structure import hybridization_fractions
 from xanesdiff.datasets.dataset import load_dataset
 from xanesdiff.datasets.splits import leave_one_density_out
+from xanesdiff.datasets.structures import minimum_distance
 from xanesdiff.diffusion.prior import load_prior
 from xanesdiff.forward.surrogate import SHIPPED_SURROGATES, load_surrogate, train_surrogate
 from xanesdiff.guidance.features import SpectralFeature
@@ -100,6 +101,7 @@ def held_out_target(dataset, density: float, args) -> dict:
             "density_scan": [s for s in scan if s["stage"] != "interpolated"],  # keep it short
             "sp3": generated["sp3"], "sp3_true": true["sp3"],
             "sp3_err": abs(generated["sp3"] - true["sp3"]), "cn1": generated["cn1"],
+            "dmin": min(minimum_distance(a) for a in frames),
             "judged_mae": spectral_match(judged, target)["mae"],
             "judged_spearman": spectral_match(judged, target)["spearman"],
             "guide_mae": spectral_match(guide_pred, target)["mae"],
@@ -131,6 +133,7 @@ def steering(args) -> dict:
             "sp2_change": h_steered["sp2"] - h_plain["sp2"],
             "sp_change": h_steered["sp"] - h_plain["sp"],
             "sp3_change": h_steered["sp3"] - h_plain["sp3"], "cn1": h_steered["cn1"],
+            "dmin": min(minimum_distance(a) for a in steered),
             "n_samples": args.steer_samples}
 
 
