@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from xanesdiff.datasets.errors import XanesdiffInputError
+from xanesdiff.diffusion.hard_core import HardCoreScore
 from xanesdiff.diffusion.neighbors import NeighborListCache
 from xanesdiff.diffusion.schedule import VESchedule, schedule_from_config
 from xanesdiff.diffusion.score_model import EquivariantScoreModel
@@ -23,12 +24,15 @@ CHECKPOINT_VERSION = 1
 
 
 class DiffusionPrior:
-    """A trained score model under its noise schedule, with a neighbour-list cache."""
+    """A trained score model under its noise schedule, with a neighbour-list cache, plus
+    (optionally) the analytic score of a hard core where the data has no pairs."""
 
     def __init__(self, score_model: EquivariantScoreModel, schedule: VESchedule,
-                 skin_A: float = 1.0, metadata: dict | None = None):
+                 skin_A: float = 1.0, metadata: dict | None = None,
+                 hard_core: HardCoreScore | None = None):
         self.score_model = score_model.eval()
         self.schedule = schedule
+        self.hard_core = hard_core
         self.cutoff_A = float(score_model.cutoff_A)
         self.neighbors = NeighborListCache(self.cutoff_A, skin_A)
         self.metadata = dict(metadata or {})
@@ -50,6 +54,8 @@ class DiffusionPrior:
         edge_index, edge_shift = self.neighbors.get(pos, cell, batch)
         sigma = self.schedule.sigma(torch.as_tensor(t, dtype=dtype))
         out = self.score_model(pos, cell, numbers, sigma, edge_index, edge_shift, batch)
+        if self.hard_core is not None:
+            out = out + self.hard_core(pos, cell, edge_index, edge_shift, batch, float(sigma))
         return out.to(pos_A.dtype)
 
     def score(self, pos_A: torch.Tensor, cell_A: torch.Tensor, numbers, t) -> torch.Tensor:
@@ -115,8 +121,11 @@ def default_prior_path() -> Path:
     return xanesdiff.PACKAGE_ROOT / "checkpoints" / "prior_default.pt"
 
 
-def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0) -> DiffusionPrior:
-    """Load a prior checkpoint; `None` loads the shipped `checkpoints/prior_default.pt`."""
+def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0,
+               hard_core_A: float | None = 1.1) -> DiffusionPrior:
+    """Load a prior checkpoint; `None` loads the shipped `checkpoints/prior_default.pt`.
+    `hard_core_A` (Å): closest pair distance kept by a `HardCoreScore` (None: the learned score
+    alone)."""
     path = Path(path) if path is not None else default_prior_path()
     if not path.exists():
         raise XanesdiffInputError("prior checkpoint does not exist", str(path))
@@ -137,4 +146,6 @@ def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0) -> Di
     model = EquivariantScoreModel(**payload["score_model"]["config"])
     model.load_state_dict(learned_state(payload["state_dict"]))
     schedule = schedule_from_config(payload["schedule"])
-    return DiffusionPrior(model, schedule, skin_A=skin_A, metadata=payload.get("metadata"))
+    hard_core = HardCoreScore(hard_core_A) if hard_core_A is not None else None
+    return DiffusionPrior(model, schedule, skin_A=skin_A, metadata=payload.get("metadata"),
+                          hard_core=hard_core)

@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
     _advise_fast_guide(int(cfg.n_atoms), surrogate)
     validator = _load_validator(cfg.models.validator, cfg.models.surrogate, surrogate)
     judge = _load_judge(cfg.models.judge, load_surrogate)
-    prior = load_prior(cfg.models.prior)
+    prior = load_prior(cfg.models.prior, hard_core_A=cfg.models.hard_core_A)
     target = None
     if cfg.target is not None:
         target = load_target(cfg.target, validator, **OmegaConf.to_container(cfg.target_prep))

@@ -42,7 +42,7 @@ def run(cfg: DictConfig) -> dict:
         torch.set_num_threads(int(cfg.threads))
     if int(cfg.n) < 1:
         raise XanesdiffInputError(f"n must be ≥ 1, got {cfg.n}", "n")
-    prior = load_prior(cfg.checkpoint)
+    prior = load_prior(cfg.checkpoint, hard_core_A=cfg.hard_core_A)
     sampler = hydra.utils.instantiate(cfg.sampler, schedule=prior.schedule)
     cell = None if cfg.cell is None else OmegaConf.to_container(cfg.cell)
     density = None if cfg.density is None else float(cfg.density)
