@@ -36,9 +36,6 @@ class HardCoreScore:
                              f"{sigma_max_A}")
         self.r_core_A, self.sigma_max_A = float(r_core_A), float(sigma_max_A)
 
-    def config(self) -> dict:
-        return {"r_core_A": self.r_core_A, "sigma_max_A": self.sigma_max_A}
-
     def energy(self, pos_A: torch.Tensor, cell_A: torch.Tensor, edge_index: torch.Tensor,
                edge_shift: torch.Tensor, batch: torch.Tensor | None, sigma_A: float
                ) -> torch.Tensor:
