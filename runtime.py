@@ -15,6 +15,7 @@ import sys
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4  # malloc.h
 _GLIBC_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX
+_GLIBC_TOP_PAD = _GLIBC_TRIM_THRESHOLD = 128 << 10  # glibc's defaults of M_TOP_PAD, M_TRIM_THRESHOLD
 KEPT_HEAP_FACTOR = 1.7
 """Peak memory with freed memory kept ÷ peak without: the heap fragments (guided 3000-atom step:
 7.2 GB against 4.4 GB, dev VM)."""
@@ -88,6 +89,11 @@ def fit_kept_memory(expected_mb: float, budget_fraction: float = 0.8) -> bool:
     mallopt = _mallopt()
     mallopt(_M_MMAP_THRESHOLD, 16 << 20)
     mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
+    # undo the heap's 256 MB growth step and never-trim too, and give back its free top: a large
+    # block would otherwise still be carved from that padding instead of being mapped
+    mallopt(_M_TOP_PAD, _GLIBC_TOP_PAD)
+    mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
+    _malloc_trim()
     _kept = False
     hint = ("" if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", "") else
             "; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment makes them cheaper "
@@ -111,6 +117,14 @@ def _mallopt():
         return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt
+
+
+def _malloc_trim() -> None:
+    """glibc's `malloc_trim(0)`: return the heap's free memory to the system (no-op elsewhere)."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @functools.lru_cache(maxsize=1)
