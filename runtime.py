@@ -109,22 +109,27 @@ def memory_kept() -> bool:
     return _kept
 
 
-def _mallopt():
-    """glibc's `mallopt(param, value)`, or None (musl or another libc without it)."""
+def _libc_function(name: str):
+    """A function of the C library by name, or None (musl or another libc without it)."""
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+
+
+def _mallopt():
+    """glibc's `mallopt(param, value)`, or None (musl or another libc without it)."""
+    mallopt = _libc_function("mallopt")
+    if mallopt is not None:
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt
 
 
 def _malloc_trim() -> None:
     """glibc's `malloc_trim(0)`: return the heap's free memory to the system (no-op elsewhere)."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim = _libc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 @functools.lru_cache(maxsize=1)
