@@ -65,11 +65,12 @@ def generate_config(args, *extra):
                                     *args.set])
 
 
-def prior_for(density: float):
-    path = CHECKPOINTS / f"prior_without_{density:.1f}.pt"
+def prior_for(density: float, priors: Path = CHECKPOINTS):
+    """The prior trained without `density`'s network if `priors` holds one, else the default."""
+    path = priors / f"prior_without_{density:.1f}.pt"
     if path.exists():
         return load_prior(path), True, path.name
-    return load_prior(), False, "prior_default.pt"
+    return load_prior(priors / "prior_default.pt"), False, "prior_default.pt"
 
 
 def judged_spectrum(judge, frames) -> np.ndarray:
@@ -81,7 +82,7 @@ def held_out_target(dataset, density: float, args) -> dict:
     guide_file = SHIPPED_SURROGATES.get(args.guide, args.guide)
     guide = train_surrogate(split.train, dataset.grid, **recipe_of(guide_file))
     judge = train_surrogate(split.train, dataset.grid, **recipe_of("forward_judge.pt"))
-    prior, prior_held_out, prior_name = prior_for(density)
+    prior, prior_held_out, prior_name = prior_for(density, xanesdiff.PACKAGE_ROOT / args.priors)
     target = split.test[0].mean_spectrum.astype(np.float64)
     cfg = generate_config(args, *([f"density_search.exclude_g_cm3=[{density}]"]
                                    if args.density_search == "reference" else []))
@@ -111,7 +112,7 @@ def held_out_target(dataset, density: float, args) -> dict:
 
 
 def steering(args) -> dict:
-    prior = load_prior()
+    prior = load_prior(xanesdiff.PACKAGE_ROOT / args.priors / "prior_default.pt")
     surrogate = load_surrogate()
     judge = load_surrogate("judge")
     cfg = generate_config(args, "steer=pi_star_up")
@@ -154,6 +155,9 @@ def main(argv=None) -> None:
     parser.add_argument("--guide", default="default",
                         help="recipe of the guidance surrogate retrained per split: a shipped "
                              "name (default | fast) or a checkpoint file in checkpoints/")
+    parser.add_argument("--priors", default="checkpoints",
+                        help="folder (relative to the project root) with prior_default.pt and "
+                             "prior_without_D.pt: a candidate set of priors (default: shipped)")
     parser.add_argument("--skip-steering", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few sampler steps (smoke test)")
     parser.add_argument("--out", default="benchmarks/guidance.json")
@@ -169,7 +173,8 @@ def main(argv=None) -> None:
 
     result.update({"command": "python -m xanesdiff.scripts.benchmark_guidance "
                               + " ".join(sys.argv[1:] if argv is None else argv),
-                   "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"})
+                   "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                   "priors": args.priors})
     dataset = load_dataset()
     for density in args.held_out:
         if round(density, 1) in done:
