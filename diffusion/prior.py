@@ -115,18 +115,30 @@ def save_prior(path: str | os.PathLike, score_model: EquivariantScoreModel, sche
     return path
 
 
+# Shipped priors by name: the default (l ≤ 3 hidden features) and a 2.5× cheaper one per score
+# call (l ≤ 1, the default until session 7) for very large cells and quick runs.
+SHIPPED_PRIORS = {"default": "prior_default.pt", "fast": "prior_fast.pt"}
+
+
 def default_prior_path() -> Path:
+    return prior_checkpoint_path("default")
+
+
+def prior_checkpoint_path(name_or_path: str | os.PathLike | None = None) -> Path:
+    """A shipped prior's name (`SHIPPED_PRIORS`; None: default) → its file; a path → itself."""
     import xanesdiff
 
-    return xanesdiff.PACKAGE_ROOT / "checkpoints" / "prior_default.pt"
+    if name_or_path is None or str(name_or_path) in SHIPPED_PRIORS:
+        return xanesdiff.PACKAGE_ROOT / "checkpoints" / SHIPPED_PRIORS[str(name_or_path or "default")]
+    return Path(name_or_path)
 
 
 def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0,
                hard_core_A: float | None = 1.1) -> DiffusionPrior:
-    """Load a prior checkpoint; `None` loads the shipped `checkpoints/prior_default.pt`.
-    `hard_core_A` (Å): closest pair distance kept by a `HardCoreScore` (None: the learned score
-    alone)."""
-    path = Path(path) if path is not None else default_prior_path()
+    """Load a prior checkpoint: a path, or a shipped name (`SHIPPED_PRIORS`: default | fast);
+    `None` loads the default. `hard_core_A` (Å): closest pair distance kept by a
+    `HardCoreScore` (None: the learned score alone)."""
+    path = prior_checkpoint_path(path)
     if not path.exists():
         raise XanesdiffInputError("prior checkpoint does not exist", str(path))
     try:

@@ -86,10 +86,11 @@ def load_models(models_cfg: dict) -> LibraryModels:
                                     "weights_sha256": _weights_sha256(built[name])}
         return LibraryModels(built["prior"], built["surrogate"], built.get("judge"), provenance)
 
-    from xanesdiff.diffusion.prior import default_prior_path, load_prior
+    from xanesdiff.diffusion.prior import load_prior, prior_checkpoint_path
     from xanesdiff.forward.surrogate import load_surrogate, surrogate_checkpoint_path
 
-    prior, prior_info = _checkpoint("prior", cfg.get("prior") or default_prior_path(), load_prior)
+    prior, prior_info = _checkpoint(  # a path, or a shipped name such as "fast"
+        "prior", prior_checkpoint_path(cfg.get("prior")), load_prior)
     surrogate, surrogate_info = _checkpoint(  # a path, or a shipped name such as "fast"
         "surrogate", surrogate_checkpoint_path(cfg.get("surrogate")), load_surrogate)
     provenance = {"prior": prior_info, "surrogate": surrogate_info}

@@ -122,6 +122,16 @@ def test_checkpoint_round_trip_and_wrong_kind(tmp_path, tiny_prior):
         load_prior(tmp_path / "missing.pt")
 
 
+def test_shipped_priors_load_by_name_and_differ():
+    """`default` is the l ≤ 3 prior, `fast` the cheaper l ≤ 1 one; a path is taken as it is."""
+    from xanesdiff.diffusion.prior import SHIPPED_PRIORS, prior_checkpoint_path
+
+    assert prior_checkpoint_path(None) == prior_checkpoint_path("default")
+    assert prior_checkpoint_path("elsewhere/p.pt") == Path("elsewhere/p.pt")
+    lmax = {name: load_prior(name).score_model.config()["lmax"] for name in SHIPPED_PRIORS}
+    assert lmax == {"default": 3, "fast": 2}
+
+
 def test_deep_copied_high_order_model_saves_and_loads(tmp_path):
     """An EMA copy (deepcopy) of a model with l = 2, 3 features lists e3nn's generated constants
     in its state; its checkpoint must still load into a fresh model and give the same scores."""
