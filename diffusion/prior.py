@@ -115,7 +115,7 @@ def save_prior(path: str | os.PathLike, score_model: EquivariantScoreModel, sche
     return path
 
 
-# Shipped priors by name: the default (l ≤ 3 hidden features) and a 2.5× cheaper one per score
+# Shipped priors by name: the default (l ≤ 3 hidden features) and one ≈3× cheaper per score
 # call (l ≤ 1, the default until session 7) for very large cells and quick runs.
 SHIPPED_PRIORS = {"default": "prior_default.pt", "fast": "prior_fast.pt"}
 
@@ -128,8 +128,9 @@ def prior_checkpoint_path(name_or_path: str | os.PathLike | None = None) -> Path
     """A shipped prior's name (`SHIPPED_PRIORS`; None: default) → its file; a path → itself."""
     import xanesdiff
 
-    if name_or_path is None or str(name_or_path) in SHIPPED_PRIORS:
-        return xanesdiff.PACKAGE_ROOT / "checkpoints" / SHIPPED_PRIORS[str(name_or_path or "default")]
+    name = "default" if name_or_path is None else str(name_or_path)
+    if name in SHIPPED_PRIORS:
+        return xanesdiff.PACKAGE_ROOT / "checkpoints" / SHIPPED_PRIORS[name]
     return Path(name_or_path)
 
 
