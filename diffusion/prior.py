@@ -120,18 +120,11 @@ def save_prior(path: str | os.PathLike, score_model: EquivariantScoreModel, sche
 SHIPPED_PRIORS = {"default": "prior_default.pt", "fast": "prior_fast.pt"}
 
 
-def default_prior_path() -> Path:
-    return prior_checkpoint_path("default")
-
-
 def prior_checkpoint_path(name_or_path: str | os.PathLike | None = None) -> Path:
     """A shipped prior's name (`SHIPPED_PRIORS`; None: default) → its file; a path → itself."""
     import xanesdiff
 
-    name = "default" if name_or_path is None else str(name_or_path)
-    if name in SHIPPED_PRIORS:
-        return xanesdiff.PACKAGE_ROOT / "checkpoints" / SHIPPED_PRIORS[name]
-    return Path(name_or_path)
+    return xanesdiff.shipped_checkpoint_path(name_or_path, SHIPPED_PRIORS)
 
 
 def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0,

@@ -247,11 +247,7 @@ SHIPPED_SURROGATES = {
 
 def surrogate_checkpoint_path(path: str | os.PathLike | None = None) -> Path:
     """The checkpoint file for a path or a shipped name (`SHIPPED_SURROGATES`); None: default."""
-    if path is None or str(path) == "":
-        return default_checkpoint_path()
-    if str(path) in SHIPPED_SURROGATES and not Path(path).exists():
-        return default_checkpoint_path(SHIPPED_SURROGATES[str(path)])
-    return Path(path)
+    return xanesdiff.shipped_checkpoint_path(path, SHIPPED_SURROGATES)
 
 
 def surrogate_from_checkpoint(ckpt: dict, source: str = "checkpoint",

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
 
     from xanesdiff.datasets.dataset import load_dataset
     from xanesdiff.datasets.spectra_io import atomic_write_text
-    from xanesdiff.diffusion.prior import default_prior_path, load_prior
+    from xanesdiff.diffusion.prior import load_prior, prior_checkpoint_path
 
     import xanesdiff
 
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
                   sys.argv[1:] if argv is None else argv),
               "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPU cores, "
                          f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-              "checkpoint": str(args.checkpoint or default_prior_path().name),
+              "checkpoint": str(args.checkpoint or prior_checkpoint_path().name),
               "checkpoint_step": prior.metadata.get("global_step"),
               "sampler": sampler_cfg, "targets": TARGETS}
     for network in networks:
