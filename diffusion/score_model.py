@@ -94,7 +94,7 @@ class Interaction(nn.Module):
     """One equivariant convolution + gate + residual: irreps_in -> irreps_out."""
 
     def __init__(self, irreps_in: str, irreps_out: str, irreps_sh: str, n_edge_features: int,
-                 radial_hidden: int, avg_neighbors: float):
+                 radial_hidden: int, avg_neighbors: float, used_irreps: str | None = None):
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
         self.irreps_out = o3.Irreps(irreps_out)
@@ -122,6 +122,55 @@ class Interaction(nn.Module):
         self.self_connection = o3.Linear(self.irreps_in, self.gate.irreps_in)
         self.residual = self.irreps_in == self.irreps_out
         self.norm = 1.0 / math.sqrt(avg_neighbors)
+        self._prune_messages(used_irreps)
+
+    def _prune_messages(self, used_irreps: str | None):
+        """Compute only the messages that can reach the outputs someone reads.
+
+        `used_irreps` (e.g. "1o" in the last layer, whose readout reads vectors only): the irrep
+        types of this layer's output that are used. The linear mix and the gate keep irrep
+        types apart, so only tensor-product paths landing in a used type, or in 0e when a used
+        type is gated, matter; the other paths are skipped (their output slots stay zero, so the
+        unused outputs are wrong and the used ones exact). The parameters stay as they are, so a
+        checkpoint loads either way. None: every path (all outputs exact)."""
+        self.skip_unused_paths = used_irreps is not None
+        # Held outside the module tree (`_apply` moves it): its constants derive from the
+        # irreps and belong in no checkpoint, which a registered copy (in an EMA deep copy, say)
+        # would put there.
+        self.__dict__["tp_used"] = None
+        if used_irreps is None:
+            return
+        used = {ir for _, ir in o3.Irreps(used_irreps)}
+        needed = set(used)
+        if any(ir.l > 0 for ir in used):
+            needed.add(o3.Irrep("0e"))  # the gates
+        kept = [k for k, ins in enumerate(self.tp.instructions)
+                if self.tp.irreps_out[ins.i_out].ir in needed]
+        if len(kept) == len(self.tp.instructions):
+            return
+        weight_slices, out_slices = [], self.tp.irreps_out.slices()
+        offset = 0
+        for ins in self.tp.instructions:
+            size = math.prod(ins.path_shape)
+            weight_slices.append(torch.arange(offset, offset + size))
+            offset += size
+        instructions = [(ins.i_in1, ins.i_in2, n, ins.connection_mode, ins.has_weight)
+                        for n, ins in enumerate(self.tp.instructions[k] for k in kept)]
+        mid = [self.tp.irreps_out[self.tp.instructions[k].i_out] for k in kept]
+        self.__dict__["tp_used"] = o3.TensorProduct(
+            self.tp.irreps_in1, self.tp.irreps_in2, o3.Irreps(mid), instructions,
+            shared_weights=False, internal_weights=False)
+        self.register_buffer("used_weights", torch.cat([weight_slices[k] for k in kept]),
+                             persistent=False)
+        self.register_buffer("used_outputs", torch.cat(
+            [torch.arange(self.tp.irreps_out.dim)[out_slices[self.tp.instructions[k].i_out]]
+             for k in kept]), persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.tp_used is not None:
+            self.tp_used._apply(fn, *args, **kwargs)
+        return self
 
     # Edges are processed in blocks: memory stays bounded on large cells and each block's
     # working set stays cache-sized (10^4 atoms: 1.95 s -> 0.97 s per score call, 2 threads;
@@ -130,13 +179,20 @@ class Interaction(nn.Module):
 
     def forward(self, h, edge_sh, edge_features, edge_envelope, edge_index):
         src, dst = edge_index  # edge i->j: message from neighbour j to centre i (src = i)
-        agg = h.new_zeros(h.shape[0], self.tp.irreps_out.dim)
+        skip = self.skip_unused_paths and self.tp_used is not None
+        tp = self.tp_used if skip else self.tp
+        agg = h.new_zeros(h.shape[0], tp.irreps_out.dim)
         for start in range(0, src.numel(), self.edge_block):
             block = slice(start, start + self.edge_block)
             weights = self.radial(edge_features[block]) * edge_envelope[block].unsqueeze(-1)
-            msg = self.tp(h[dst[block]], edge_sh[block], weights)
+            if skip:
+                weights = weights[:, self.used_weights]
+            msg = tp(h[dst[block]], edge_sh[block], weights)
             agg = agg.index_add(0, src[block], msg)  # out of place: autograd-safe
         agg = agg * self.norm
+        if skip:  # back to the full layout, skipped paths at zero
+            agg = agg.new_zeros(agg.shape[0], self.tp.irreps_out.dim).index_copy(
+                1, self.used_outputs, agg)
         # tp.irreps_out is unsimplified; simplify() only merges neighbours of equal type, which
         # keeps the memory layout, so the tensor can be read with the simplified irreps.
         out = self.gate(self.linear_msg(agg) + self.self_connection(h))
@@ -174,9 +230,11 @@ class EquivariantScoreModel(nn.Module):
         n_edge = n_basis + n_noise_features
         layers = []
         irreps_in = f"{n_scalars}x0e"
-        for _ in range(n_layers):
+        for k in range(n_layers):
+            last = k == n_layers - 1  # the readout reads its vectors only
             layers.append(Interaction(irreps_in, str(hidden), str(self.irreps_sh), n_edge,
-                                      radial_hidden, avg_neighbors))
+                                      radial_hidden, avg_neighbors,
+                                      used_irreps="1o" if last else None))
             irreps_in = str(hidden)
         self.layers = nn.ModuleList(layers)
         self.readout = o3.Linear(hidden, "1x1o")

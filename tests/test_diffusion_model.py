@@ -1,5 +1,6 @@
 """Equivariance, periodicity and schedule identities of the diffusion prior's parts."""
 
+import copy
 import math
 
 import numpy as np
@@ -134,6 +135,29 @@ def test_edge_blocks_give_the_same_scores_and_gradients(cell_and_pos, monkeypatc
         results.append((out.detach(), grad))
     assert rel_err(results[1][0], results[0][0]) < 1e-12
     assert rel_err(results[1][1], results[0][1]) < 1e-12
+
+
+@pytest.mark.parametrize("irreps", [{}, {"irreps_hidden": "8x0e + 4x1o + 2x2e + 2x3o", "lmax": 3}])
+def test_last_layer_skips_only_paths_the_readout_cannot_see(cell_and_pos, irreps):
+    cell, pos, numbers = cell_and_pos
+    model = small_model(**irreps)
+    last = model.layers[-1]
+    assert last.tp_used is not None
+    assert len(last.tp_used.instructions) < len(last.tp.instructions)
+    g = periodic_graph(pos, cell, numbers, model.cutoff_A)
+    results = []
+    for skip in (True, False):  # skipping the paths, then every path
+        last.skip_unused_paths = skip
+        x = pos.clone().requires_grad_(True)
+        out = model(x, cell.unsqueeze(0), numbers, torch.tensor(0.3, dtype=pos.dtype),
+                    g.edge_index, g.edge_shift.double())
+        (grad,) = torch.autograd.grad((out ** 2).sum(), x)
+        results.append((out.detach(), grad))
+    assert results[0][0].abs().max() > 0
+    assert rel_err(results[0][0], results[1][0]) < 1e-12
+    assert rel_err(results[0][1], results[1][1]) < 1e-12
+    # the pruned product's constants are no part of a checkpoint, not even a deep copy's (EMA)
+    assert not any("tp_used" in key for key in copy.deepcopy(model).state_dict())
 
 
 def test_periodic_images_give_same_scores(cell_and_pos):
