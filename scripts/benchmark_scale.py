@@ -10,6 +10,7 @@ slope of log(time) against log(atoms). `--large N` also samples one N-atom cell 
 sampler (prior only) and compares its structure with 216-atom samples; `--large-guided` adds one
 guided N-atom sample with the `generate` defaults and the `--surrogate` guide (in its own
 process; `--atoms` with no values keeps the curve already in --out and only adds large cells).
+`--prior` (default | fast | a checkpoint) is the prior of every measurement.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ import torch
 DENSITY = 2.5
 
 
-def measure_point(n_atoms: int, guided: bool, repeats: int) -> dict:
+def measure_point(n_atoms: int, guided: bool, repeats: int, prior_name: str = "default") -> dict:
     """Prior step time (s) and, if `guided`, guided step times with each shipped guide."""
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.diffusion.sampling import cubic_cell_for_density
     from xanesdiff.datasets.graph import wrap_positions
 
-    prior = load_prior()
+    prior = load_prior(prior_name)
     cell = torch.tensor(cubic_cell_for_density(n_atoms, DENSITY), dtype=torch.float32)
     numbers = torch.full((n_atoms,), 6)
     generator = torch.Generator().manual_seed(0)
@@ -74,7 +75,7 @@ def measure_point(n_atoms: int, guided: bool, repeats: int) -> dict:
     return result
 
 
-def large_cell(n_atoms: int, n_small: int, n_steps: int) -> dict:
+def large_cell(n_atoms: int, n_small: int, n_steps: int, prior_name: str = "default") -> dict:
     """One `n_atoms` cell and `n_small` 216-atom cells, same sampler (Euler–Maruyama, `n_steps`,
     5 final corrector steps), compared by their hybridisation."""
     from xanesdiff.analysis.structure import hybridization_fractions
@@ -82,7 +83,7 @@ def large_cell(n_atoms: int, n_small: int, n_steps: int) -> dict:
     from xanesdiff.diffusion.samplers import EulerMaruyama
     from xanesdiff.diffusion.sampling import sample_structures
 
-    prior = load_prior()
+    prior = load_prior(prior_name)
     sampler = EulerMaruyama(prior.schedule, n_steps=n_steps, final_corrector_steps=5)
     start = time.perf_counter()
     (big,) = sample_structures(prior, n_atoms=n_atoms, density_g_cm3=DENSITY, seed=0,
@@ -98,7 +99,8 @@ def large_cell(n_atoms: int, n_small: int, n_steps: int) -> dict:
                     "sampler's score calls times the measured step times of this size"}
 
 
-def large_guided(n_atoms: int, n_small: int, guide: str = "default") -> dict:
+def large_guided(n_atoms: int, n_small: int, guide: str = "default",
+                 prior_name: str = "default") -> dict:
     """One guided `n_atoms` cell with the shipped `generate` settings (density given) and the
     `guide` surrogate, target the mean spectrum of a 2.49 g/cm³ frame; compared with `n_small`
     guided 216-atom cells. Spectra are judged as `generate` does: by the default surrogate
@@ -115,9 +117,10 @@ def large_guided(n_atoms: int, n_small: int, guide: str = "default") -> dict:
 
     frame = next(f for f in load_dataset().frames if f.network == "rho2.49")
     target = frame.mean_spectrum.astype(np.float64)
-    prior, surrogate = load_prior(), load_surrogate(guide)
+    prior, surrogate = load_prior(prior_name), load_surrogate(guide)
     validator, judge = load_surrogate("default"), load_surrogate("judge")
-    cfg = OmegaConf.merge(compose_generate_config([f"models.surrogate={guide}"]),
+    cfg = OmegaConf.merge(compose_generate_config([f"models.surrogate={guide}",
+                                                   f"models.prior={prior_name}"]),
                           {"target": frame.name})
     terms = [term.bind(surrogate, target) for term in build_terms(cfg)]
     results = {}
@@ -132,7 +135,7 @@ def large_guided(n_atoms: int, n_small: int, guide: str = "default") -> dict:
         results[n] = {"s": elapsed, **maes, **hybridization_fractions(frames)}
     big, small = results[n_atoms], results[216]
     return {"atoms": n_atoms, "guided_s": big["s"], "target": frame.name,
-            "guided_surrogate": guide,
+            "guided_surrogate": guide, "prior": prior_name,
             "guided_mae": big["mae"], "guided_mae_216": small["mae"],
             "guided_judge_mae": big["judge_mae"], "guided_judge_mae_216": small["judge_mae"],
             "guided_sp3": big["sp3"], "guided_sp3_216": small["sp3"],
@@ -189,7 +192,8 @@ def run_points(args) -> list[dict]:
     points = []
     for n in args.atoms:
         cmd = [sys.executable, "-m", "xanesdiff.scripts.benchmark_scale", "--point", str(n),
-               "--repeats", str(args.repeats), "--threads", str(args.threads)]
+               "--repeats", str(args.repeats), "--threads", str(args.threads),
+               "--prior", args.prior]
         if n <= args.guided_max:
             cmd.append("--guided")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -238,6 +242,8 @@ def main(argv=None) -> None:
                         help="and one guided sample of the --large cell (its own process)")
     parser.add_argument("--surrogate", default="default",
                         help="guide of the --large-guided sample: default | fast | a checkpoint")
+    parser.add_argument("--prior", default="default",
+                        help="prior of every measurement: default | fast | a checkpoint")
     parser.add_argument("--small-samples", type=int, default=4,
                         help="216-atom cells the large cells are compared with")
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
@@ -247,17 +253,18 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.point:
-        print(json.dumps(measure_point(args.point, args.guided, args.repeats)))
+        print(json.dumps(measure_point(args.point, args.guided, args.repeats, args.prior)))
         return
     if args.guided_cell:
         print(json.dumps(large_guided(args.guided_cell, n_small=args.small_samples,
-                                      guide=args.surrogate)))
+                                      guide=args.surrogate, prior_name=args.prior)))
         return
     command = "python -m xanesdiff.scripts.benchmark_scale " + " ".join(
         sys.argv[1:] if argv is None else argv)
     if args.atoms:
         points = run_points(args)
-        result = {"points": points, **fit_exponents(points), "density_g_cm3": DENSITY,
+        result = {"points": points, **fit_exponents(points), "prior": args.prior,
+                  "density_g_cm3": DENSITY,
                   "command": command,
                   "machine": f"{platform.machine()}, {args.threads} torch threads"}
     else:  # extend an earlier run (e.g. with the guided large cell)
@@ -266,14 +273,14 @@ def main(argv=None) -> None:
         points = result["points"]
     if args.large and args.atoms:
         result["large_cell"] = large_cell(args.large, n_small=args.small_samples,
-                                          n_steps=args.large_steps)
+                                          n_steps=args.large_steps, prior_name=args.prior)
         big = [p for p in points if p["atoms"] == args.large]
         if big and "guided_sample_s" in big[0]:
             result["large_cell"]["guided_s_estimate"] = big[0]["guided_sample_s"]
     if args.large and args.large_guided:
         cmd = [sys.executable, "-m", "xanesdiff.scripts.benchmark_scale", "--guided-cell",
                str(args.large), "--threads", str(args.threads), "--surrogate", args.surrogate,
-               "--small-samples", str(args.small_samples)]
+               "--prior", args.prior, "--small-samples", str(args.small_samples)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         result.setdefault("large_cell", {}).update(json.loads(out.strip().splitlines()[-1]))
         result["large_cell"].pop("note", None)
