@@ -115,7 +115,7 @@ def save_prior(path: str | os.PathLike, score_model: EquivariantScoreModel, sche
     return path
 
 
-# Shipped priors by name: the default (l ≤ 3 hidden features) and one ≈3× cheaper per score
+# Shipped priors by name: the default (l ≤ 3 hidden features) and one ≈2.5× cheaper per score
 # call (l ≤ 1, the default until session 7) for very large cells and quick runs.
 SHIPPED_PRIORS = {"default": "prior_default.pt", "fast": "prior_fast.pt"}
 
