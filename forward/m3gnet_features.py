@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from xanesdiff.datasets.assets import resolve_asset
 from xanesdiff.datasets.errors import XanesdiffInputError
@@ -251,26 +250,23 @@ def backbone_blocks(m3gnet: nn.Module, pos: torch.Tensor, offsets_A: torch.Tenso
     from matgl.utils.cutoff import polynomial_cutoff
 
     n_atoms, n_bonds = pos.shape[0], edge_index.shape[1]
-    with IndexSelectGathers():
-        bond_vec, bond_dist = compute_pair_vector_and_distance(pos, edge_index, offsets_A)
-        expanded_dists = m3gnet.bond_expansion(bond_dist)
-        line_graph = create_line_graph(edge_index, bond_dist, bond_vec, offsets_A, n_atoms,
-                                       m3gnet.threebody_cutoff)
+    bond_vec, bond_dist = compute_pair_vector_and_distance(pos, edge_index, offsets_A)
+    expanded_dists = m3gnet.bond_expansion(bond_dist)
+    line_graph = create_line_graph(edge_index, bond_dist, bond_vec, offsets_A, n_atoms,
+                                   m3gnet.threebody_cutoff)
     triples = line_graph["line_edge_index"]
 
     def basis(bond_vec, bond_dist, start, stop):
-        with IndexSelectGathers():
-            angles = compute_theta_and_phi(bond_vec, bond_dist, triples[:, start:stop])
-            return m3gnet.basis_expansion(angles["triple_bond_lengths"], angles["cos_theta"],
-                                          angles["phi"])
+        angles = compute_theta_and_phi(bond_vec, bond_dist, triples[:, start:stop])
+        return m3gnet.basis_expansion(angles["triple_bond_lengths"], angles["cos_theta"],
+                                      angles["phi"])
 
     def block(k, edge_feat, node_feat, three_body_basis, three_body_cutoff, expanded_dists):
-        with IndexSelectGathers():
-            edge_feat = m3gnet.three_body_interactions[k](
-                edge_index[1], triples, line_graph["n_triple_ij"], n_bonds, three_body_basis,
-                three_body_cutoff, node_feat, edge_feat)
-            edge_feat, node_feat, _ = m3gnet.graph_layers[k](
-                edge_index, edge_feat, node_feat, None, expanded_dists, None, None, n_atoms, 1)
+        edge_feat = m3gnet.three_body_interactions[k](
+            edge_index[1], triples, line_graph["n_triple_ij"], n_bonds, three_body_basis,
+            three_body_cutoff, node_feat, edge_feat)
+        edge_feat, node_feat, _ = m3gnet.graph_layers[k](
+            edge_index, edge_feat, node_feat, None, expanded_dists, None, None, n_atoms, 1)
         return edge_feat, node_feat
 
     run = _recomputed if recompute else (lambda fn, *args: fn(*args))
@@ -278,32 +274,14 @@ def backbone_blocks(m3gnet: nn.Module, pos: torch.Tensor, offsets_A: torch.Tenso
     chunks = [run(basis, bond_vec, bond_dist, start, min(start + TRIPLES_PER_CHUNK, n_triples))
               for start in range(0, max(n_triples, 1), TRIPLES_PER_CHUNK)]
     three_body_basis = torch.cat(chunks) if len(chunks) != 1 else chunks[0]
-    with IndexSelectGathers():
-        three_body_cutoff = polynomial_cutoff(bond_dist, m3gnet.threebody_cutoff)
-        node_feat, edge_feat, _ = m3gnet.embedding(node_type, expanded_dists, None)
+    three_body_cutoff = polynomial_cutoff(bond_dist, m3gnet.threebody_cutoff)
+    node_feat, edge_feat, _ = m3gnet.embedding(node_type, expanded_dists, None)
     out = {"embedding": (node_feat, edge_feat)}
     for k in range(n_blocks):
         edge_feat, node_feat = run(block, k, edge_feat, node_feat, three_body_basis,
                                    three_body_cutoff, expanded_dists)
         out[f"gc_{k + 1}"] = (node_feat, edge_feat)
     return out
-
-
-class IndexSelectGathers(TorchFunctionMode):
-    """Inside this context, `x[index]` with one 1-D tensor of non-negative integer indices runs
-    as `x.index_select(0, index)` on CPU: the same values and gradients, but the backward of
-    indexing accumulates serially on CPU, ≈10× slower than index_select's. matgl gathers node
-    and bond features per bond this way; with this mode the default surrogate's forward+backward
-    on a 216-atom cell takes 4–11 % less (0.34 → 0.31 s, interleaved runs, 2 threads)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.__getitem__ and len(args) == 2:
-            x, index = args
-            if (isinstance(index, torch.Tensor) and index.ndim == 1 and x.device.type == "cpu"
-                    and index.dtype in (torch.int64, torch.int32) and x.ndim >= 1
-                    and (index.numel() == 0 or int(index.min()) >= 0)):
-                return x.index_select(0, index)
-        return func(*args, **(kwargs or {}))
 
 
 def _recomputed(fn, *args):

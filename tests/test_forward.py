@@ -278,25 +278,3 @@ def copy_of_m3gnet_part(surrogate):
 
     (part,) = [p for p in surrogate.featurizer.parts if type(p).__name__ == "M3GNetFeaturizer"]
     return copy.deepcopy(part)
-
-
-def test_gathers_run_as_index_select_with_the_same_values_and_gradients():
-    from xanesdiff.forward.m3gnet_features import IndexSelectGathers
-
-    x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    cases = [torch.tensor([3, 0, 3, 6]), torch.tensor([], dtype=torch.long),
-             torch.tensor([-1, 2]),                 # negative: plain indexing (wraps around)
-             torch.tensor([True, False] * 3 + [True]),  # a mask: plain indexing
-             torch.tensor([[1, 2], [0, 0]])]        # 2-D: plain indexing
-    for index in cases:
-        expected = x[index]
-        with IndexSelectGathers():
-            got = x[index]
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
-        if index.ndim == 1 and index.dtype == torch.long and index.numel() and index.min() >= 0:
-            assert type(got.grad_fn).__name__ == "IndexSelectBackward0"
-        if got.numel():
-            grad_out = torch.randn_like(got)
-            (g_got,) = torch.autograd.grad(got, x, grad_out)
-            (g_expected,) = torch.autograd.grad(expected, x, grad_out)
-            torch.testing.assert_close(g_got, g_expected)
