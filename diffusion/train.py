@@ -31,13 +31,22 @@ class NoisedStructureDataset(Dataset):
     else t ~ U(1, t_max_train): the extra levels (σ > k) show the model near-uniform
     configurations. t_power > 1 puts more draws at the intermediate noise where the network's
     topology forms (at σ ≳ 0.6 Å the denoising loss stays near its no-information value).
+    `weights` (one per structure, relative; default equal) sets how often each cell is drawn.
     """
 
     def __init__(self, structures: list, schedule: VESchedule, cutoff_A: float,
                  length: int = 1000, t_min: float = 0.01, t_max_train: float = 2.0,
-                 extra_noise_fraction: float = 0.2, seed: int = 0, t_power: float = 1.0):
+                 extra_noise_fraction: float = 0.2, seed: int = 0, t_power: float = 1.0,
+                 weights: list[float] | None = None):
         if not structures:
             raise ValueError("no training structures")
+        if weights is not None:
+            weights = np.asarray(weights, dtype=float)
+            if weights.shape != (len(structures),) or (weights < 0).any() or weights.sum() <= 0:
+                raise ValueError(f"weights: expected {len(structures)} non-negative numbers, "
+                                 f"not all zero, got {weights.tolist()}")
+            weights = weights / weights.sum()
+        self.draw_probabilities = weights
         self.items = [(torch.tensor(a.positions, dtype=torch.float32),
                        torch.tensor(a.cell.array, dtype=torch.float32),
                        torch.tensor(a.numbers, dtype=torch.long)) for a in structures]
@@ -53,7 +62,9 @@ class NoisedStructureDataset(Dataset):
 
     def __getitem__(self, index):
         rng = np.random.default_rng((self.seed, self.epoch, index, os.getpid()))
-        pos0, cell, numbers = self.items[rng.integers(len(self.items))]
+        pick = (rng.integers(len(self.items)) if self.draw_probabilities is None
+                else rng.choice(len(self.items), p=self.draw_probabilities))
+        pos0, cell, numbers = self.items[pick]
         if rng.random() < self.extra_noise_fraction and self.t_max_train > 1.0:
             t = rng.uniform(1.0, self.t_max_train)
         else:

@@ -18,14 +18,27 @@ from omegaconf import DictConfig, OmegaConf
 from xanesdiff.scripts._hydra import hydra_app
 
 
-def select_structures(cfg_data) -> tuple[list, list[str]]:
+def select_structures(cfg_data) -> tuple[list, list[str], list[float]]:
+    """Training cells, the excluded networks, and each cell's relative draw weight: a network's
+    weight (`data.network_weights`: {density g/cm³: weight} for the networks named, 1 for the
+    rest), shared among its cells when `data.balance_networks` (every network then drawn as
+    often, however many snapshots it has), else given to each of its cells."""
+    from collections import Counter
+
     from xanesdiff.datasets.dataset import load_dataset
 
     dataset = load_dataset(root=cfg_data.root, asset=cfg_data.asset)
     excluded = dataset.networks_at(cfg_data.exclude_densities or [],
                                    cfg_data.density_tol_g_cm3, "data.exclude_densities")
     frames = [f for f in dataset.frames if f.network not in excluded]
-    return [f.atoms for f in frames], excluded
+    weight_of = {}
+    for density, weight in (cfg_data.get("network_weights") or {}).items():
+        for network in dataset.networks_at([float(density)], cfg_data.density_tol_g_cm3,
+                                           "data.network_weights"):
+            weight_of[network] = float(weight)
+    cells_of = Counter(f.network for f in frames) if cfg_data.get("balance_networks") else {}
+    return ([f.atoms for f in frames], excluded,
+            [weight_of.get(f.network, 1.0) / cells_of.get(f.network, 1) for f in frames])
 
 
 def warm_start(score_model, path: str) -> None:
@@ -58,7 +71,7 @@ def run(cfg: DictConfig) -> dict:
 
     torch.set_num_threads(int(cfg.threads))
     L.seed_everything(int(cfg.training.seed), workers=True)
-    structures, excluded = select_structures(cfg.data)
+    structures, excluded, weights = select_structures(cfg.data)
     schedule = hydra.utils.instantiate(cfg.schedule)
     score_model = hydra.utils.instantiate(cfg.score_model)
     if cfg.get("init_from"):
@@ -68,7 +81,7 @@ def run(cfg: DictConfig) -> dict:
                                      length=tr.steps_per_epoch * tr.batch_size, t_min=tr.t_min,
                                      t_max_train=tr.t_max_train,
                                      extra_noise_fraction=tr.extra_noise_fraction, seed=tr.seed,
-                                     t_power=tr.get("t_power", 1.0))
+                                     t_power=tr.get("t_power", 1.0), weights=weights)
     loader = DataLoader(dataset, batch_size=tr.batch_size, shuffle=False, num_workers=0)
     module = PriorModule(score_model, schedule, lr=tr.lr, ema_decay=tr.ema_decay,
                          warmup_steps=tr.warmup_steps, total_steps=tr.max_steps,

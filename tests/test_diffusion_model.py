@@ -287,6 +287,52 @@ def test_noised_dataset_draws_noise_levels_in_range_and_targets_match_positions(
     assert data[5].edge_index.shape[1] > 0
 
 
+def _share_of_draws(data, structures, chosen, n_draws=400):
+    """Fraction of `n_draws` training items whose clean cell is one of the `chosen` indices."""
+    hits = 0
+    for epoch in range(n_draws):  # one draw per epoch, made as __getitem__ makes it
+        data.epoch = epoch
+        volume = float(torch.linalg.det(data[0].cell.reshape(3, 3)).abs())
+        drawn = min(range(len(structures)), key=lambda k: abs(structures[k].get_volume() - volume))
+        hits += drawn in chosen
+    return hits / n_draws
+
+
+def test_network_weights_and_balance_set_how_often_each_network_is_drawn(a_c_dataset):
+    from omegaconf import OmegaConf
+
+    from xanesdiff.datasets.errors import XanesdiffInputError
+    from xanesdiff.diffusion.train import NoisedStructureDataset
+    from xanesdiff.scripts.train_prior import select_structures
+
+    cfg = OmegaConf.create({"root": None, "asset": "data/a-C", "exclude_densities": [2.0],
+                            "density_tol_g_cm3": 0.1, "network_weights": {"3.5": 4.0},
+                            "balance_networks": False})
+    for balance in (False, True):
+        cfg.balance_networks = balance
+        structures, excluded, weights = select_structures(cfg)
+        density = [round(float(a.get_masses().sum() / a.get_volume() * 1.66053906660), 1)
+                   for a in structures]
+        assert len(excluded) == 1 and 2.0 not in density
+        dense = {k for k, d in enumerate(density) if d == 3.5}
+        n_cells = {d: density.count(d) for d in set(density)}  # 12 / 4 / 3 / 3 snapshots
+        if balance:  # every network one share, the 3.5 network four
+            expected = 4 / 7
+            assert sum(weights[k] for k in dense) == pytest.approx(4.0)
+        else:  # every cell one share, each 3.5 cell four
+            expected = 4 * n_cells[3.5] / (sum(n_cells.values()) + 3 * n_cells[3.5])
+            assert {d: w for d, w in zip(density, weights)} == {1.5: 1, 2.5: 1, 3.0: 1, 3.5: 4}
+        data = NoisedStructureDataset(structures, VESchedule(0.8), cutoff_A=3.0, length=1,
+                                      weights=weights)
+        assert abs(_share_of_draws(data, structures, dense) - expected) < 0.08, (balance,
+                                                                                expected)
+    with pytest.raises(ValueError, match="weights"):
+        NoisedStructureDataset(structures, VESchedule(0.8), cutoff_A=3.0, weights=[1.0])
+    cfg.network_weights = {"2.2": 2.0}  # no network at this density
+    with pytest.raises(XanesdiffInputError, match="network_weights"):
+        select_structures(cfg)
+
+
 def test_warm_start_adds_a_density_embedding_but_refuses_other_mismatches(tmp_path):
     from xanesdiff.datasets.errors import XanesdiffInputError
     from xanesdiff.diffusion.prior import save_prior
