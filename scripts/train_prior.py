@@ -26,6 +26,7 @@ def select_structures(cfg_data) -> tuple[list, list[str], list[float]]:
     from collections import Counter
 
     from xanesdiff.datasets.dataset import load_dataset
+    from xanesdiff.datasets.errors import XanesdiffInputError
 
     dataset = load_dataset(root=cfg_data.root, asset=cfg_data.asset)
     excluded = dataset.networks_at(cfg_data.exclude_densities or [],
@@ -33,9 +34,14 @@ def select_structures(cfg_data) -> tuple[list, list[str], list[float]]:
     frames = [f for f in dataset.frames if f.network not in excluded]
     weight_of = {}
     for density, weight in (cfg_data.get("network_weights") or {}).items():
-        for network in dataset.networks_at([float(density)], cfg_data.density_tol_g_cm3,
+        try:
+            density, weight = float(density), float(weight)
+        except (TypeError, ValueError):
+            raise XanesdiffInputError(f"expected {{density g/cm³: weight}} numbers, got "
+                                      f"{density!r}: {weight!r}", "data.network_weights") from None
+        for network in dataset.networks_at([density], cfg_data.density_tol_g_cm3,
                                            "data.network_weights"):
-            weight_of[network] = float(weight)
+            weight_of[network] = weight
     cells_of = Counter(f.network for f in frames) if cfg_data.get("balance_networks") else {}
     return ([f.atoms for f in frames], excluded,
             [weight_of.get(f.network, 1.0) / cells_of.get(f.network, 1) for f in frames])

@@ -328,9 +328,10 @@ def test_network_weights_and_balance_set_how_often_each_network_is_drawn(a_c_dat
                                                                                 expected)
     with pytest.raises(ValueError, match="weights"):
         NoisedStructureDataset(structures, VESchedule(0.8), cutoff_A=3.0, weights=[1.0])
-    cfg.network_weights = {"2.2": 2.0}  # no network at this density
-    with pytest.raises(XanesdiffInputError, match="network_weights"):
-        select_structures(cfg)
+    for bad in ({"2.2": 2.0}, {"dense": 2.0}):  # no network at this density; not a density
+        cfg.network_weights = bad
+        with pytest.raises(XanesdiffInputError, match="network_weights"):
+            select_structures(cfg)
 
 
 def test_warm_start_adds_a_density_embedding_but_refuses_other_mismatches(tmp_path):
