@@ -133,7 +133,7 @@ class Interaction(nn.Module):
         type is gated, matter; the other paths are skipped (their output slots stay zero, so the
         unused outputs are wrong and the used ones exact). The parameters stay as they are, so a
         checkpoint loads either way. None: every path (all outputs exact)."""
-        self.skip_unused_paths = used_irreps is not None
+        self.skip_unused_paths = False  # True once there are paths to skip
         # Held outside the module tree (`_apply` moves it): its constants derive from the
         # irreps and belong in no checkpoint, which a registered copy (in an EMA deep copy, say)
         # would put there.
@@ -160,6 +160,7 @@ class Interaction(nn.Module):
         self.__dict__["tp_used"] = o3.TensorProduct(
             self.tp.irreps_in1, self.tp.irreps_in2, o3.Irreps(mid), instructions,
             shared_weights=False, internal_weights=False)
+        self.skip_unused_paths = True
         self.register_buffer("used_weights", torch.cat([weight_slices[k] for k in kept]),
                              persistent=False)
         self.register_buffer("used_outputs", torch.cat(
@@ -179,7 +180,7 @@ class Interaction(nn.Module):
 
     def forward(self, h, edge_sh, edge_features, edge_envelope, edge_index):
         src, dst = edge_index  # edge i->j: message from neighbour j to centre i (src = i)
-        skip = self.skip_unused_paths and self.tp_used is not None
+        skip = self.skip_unused_paths
         tp = self.tp_used if skip else self.tp
         agg = h.new_zeros(h.shape[0], tp.irreps_out.dim)
         for start in range(0, src.numel(), self.edge_block):

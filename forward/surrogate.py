@@ -233,10 +233,6 @@ class Surrogate(nn.Module):
         return path
 
 
-def default_checkpoint_path(name: str = DEFAULT_CHECKPOINT) -> Path:
-    return xanesdiff.PACKAGE_ROOT / "checkpoints" / name
-
-
 SHIPPED_SURROGATES = {
     "default": DEFAULT_CHECKPOINT,  # M3GNet features + histograms: guidance and validation
     "fast": "forward_fast.pt",      # histograms only: ≈20× cheaper gradient, for large cells
