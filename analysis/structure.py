@@ -22,7 +22,7 @@ BOND_CUTOFF_C_A = 1.85
 __all__ = [
     "BOND_CUTOFF_C_A", "coordination_numbers", "hybridization_fractions", "rdf", "first_peak",
     "bond_angles", "bond_angle_distribution", "minimum_distance", "density_g_cm3",
-    "compare_sets", "structure_report",
+    "compare_sets", "structure_report", "displacements",
 ]
 
 
@@ -85,6 +85,17 @@ def first_peak(r: np.ndarray, g: np.ndarray, r_range_A: tuple[float, float] = (1
         if denom < 0:
             return float(r[k] + 0.5 * (y0 - y2) / denom * (r[1] - r[0]))
     return float(r[k])
+
+
+def displacements(start: Atoms, end: Atoms) -> np.ndarray:
+    """Per-atom displacement (Å) from `start` to `end` (same atoms in the same order and cell),
+    each the shortest one under periodic boundaries."""
+    from ase.geometry import find_mic
+
+    if len(start) != len(end) or not np.allclose(start.cell.array, end.cell.array):
+        raise ValueError("displacements need the same atoms in the same cell")
+    _, lengths = find_mic(end.positions - start.positions, start.cell, pbc=True)
+    return lengths
 
 
 def bond_angles(atoms, cutoff_A: float = BOND_CUTOFF_C_A) -> np.ndarray:

@@ -105,15 +105,30 @@ class Sampler:
     def run(self, pos, score_fn, wrap_fn, generator, t_start=None, n_steps=None):
         raise NotImplementedError
 
+    def steps_from(self, t_start: float) -> int:
+        """Steps for a run from `t_start` (≤ the sampler's own) at the full run's step density
+        on its grid, so a partial run spends its calls where a full one would."""
+        if not (self.t_end < t_start <= self.t_start):
+            raise ValueError(f"a run can start at t in ({self.t_end}, {self.t_start}], "
+                             f"got {t_start}")
+        p = self.grid_power
+        share = ((t_start ** (1 / p) - self.t_end ** (1 / p))
+                 / (self.t_start ** (1 / p) - self.t_end ** (1 / p)))
+        return max(1, round(self.n_steps * share))
+
     def sample(self, pos: torch.Tensor, score_fn: ScoreFn, wrap_fn: WrapFn,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, t_start: float | None = None
+               ) -> torch.Tensor:
         """Integrate from `t_start` to `t_end` starting at `pos`, then finish (corrector, denoise).
 
+        `t_start` below the sampler's own starts from a partly noised structure (positions
+        already at noise level σ(t_start)); the run then takes `steps_from(t_start)` steps.
         Runs under `torch.no_grad()`; a score function that needs gradients (guidance) enables
         them itself (`with torch.enable_grad(): ...`)."""
         _check_finite(pos, "the initial state")
+        n_steps = None if t_start is None else self.steps_from(float(t_start))
         with torch.no_grad():
-            pos = self.run(pos.detach(), score_fn, wrap_fn, generator)
+            pos = self.run(pos.detach(), score_fn, wrap_fn, generator, t_start, n_steps)
             return self.finish(pos, score_fn, wrap_fn, generator)
 
 
@@ -194,15 +209,24 @@ class RestartSampler(Sampler):
         self.n_score_evals += 1
         return score_fn(pos, t)
 
+    def steps_from(self, t_start: float) -> int:
+        super().steps_from(t_start)  # checks the range
+        return self.base.steps_from(min(float(t_start), self.base.t_start))
+
     def run(self, pos, score_fn, wrap_fn, generator, t_start=None, n_steps=None):
         counted = lambda x, t: self._score(score_fn, x, t)  # noqa: E731
         pos = self.base.run(pos, counted, wrap_fn, generator, t_start, n_steps)
-        extra_sd = (self.schedule.sigma(self.t_restart) ** 2
+        # a run started below t_restart (a partly noised structure) never re-noises above it
+        t_restart = self.t_restart if t_start is None else min(self.t_restart, float(t_start))
+        n_restart_steps = self.n_restart_steps
+        if t_restart < self.t_restart:
+            n_restart_steps = max(1, round(self.n_restart_steps * (t_restart - self.t_end)
+                                           / (self.t_restart - self.t_end)))
+        extra_sd = (self.schedule.sigma(t_restart) ** 2
                     - self.schedule.sigma(self.t_end) ** 2) ** 0.5
         for r in range(self.n_restarts):
             pos = wrap_fn(pos + extra_sd * self._noise(pos, generator))
-            pos = self.base.run(pos, counted, wrap_fn, generator, self.t_restart,
-                                self.n_restart_steps)
+            pos = self.base.run(pos, counted, wrap_fn, generator, t_restart, n_restart_steps)
             _check_finite(pos, f"restart round {r}")
         return pos
 

@@ -2,6 +2,7 @@
 
     generator = GuidedGenerator(prior, surrogate, terms, sampler)
     atoms, log = generator.generate(density_g_cm3=2.5, seed=0)
+    variant, log = generator.edit(start_atoms, noise_A=0.15, seed=0)  # a structure, re-noised
     best, scan = infer_density(generator, target_spectrum)
 """
 
@@ -14,7 +15,9 @@ import torch
 from ase import Atoms
 from ase.data import atomic_numbers
 
+from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.datasets.graph import wrap_positions
+from xanesdiff.datasets.structures import density_g_cm3 as cell_density_g_cm3
 from xanesdiff.diffusion.sampling import default_sampler, resolve_cell_and_count
 from xanesdiff.guidance.guided_score import GuidedScore
 from xanesdiff.guidance.validation import predict_members, spectral_match
@@ -54,23 +57,58 @@ class GuidedGenerator:
         """One structure at `density_g_cm3` (or in `cell_A`); `guided=False` samples the prior."""
         n, cell = resolve_cell_and_count(self.n_atoms if cell_A is None else None, density_g_cm3,
                                          cell_A, self.element)
-        dtype = self.prior.dtype
-        cell_t = torch.as_tensor(cell, dtype=dtype)
-        numbers = torch.full((n,), atomic_numbers[self.element], dtype=torch.long)
         generator = torch.Generator().manual_seed(int(seed))
-        pos = self.prior.schedule.prior_sampling(n, cell_t, generator, dtype)
+        pos = self.prior.schedule.prior_sampling(n, torch.as_tensor(cell, dtype=self.prior.dtype),
+                                                 generator, self.prior.dtype)
+        atoms, log = self._sample(pos, cell, generator, guided, t_start=None)
+        return atoms, {"seed": int(seed), "density_g_cm3": float(density_g_cm3 or 0.0), **log}
+
+    def edit(self, start: Atoms, noise_A: float, seed: int, guided: bool = True
+             ) -> tuple[Atoms, dict]:
+        """A variant of the structure `start` (its cell, atoms and density): its positions are
+        noised to σ = `noise_A` (Å) and denoised again, with guidance when `guided`. A small σ
+        (≈0.1 Å) keeps the network and adjusts its geometry; from ≈0.25 Å bonds rearrange."""
+        t_start = self.start_time(noise_A)
+        symbols = set(start.get_chemical_symbols())
+        if symbols != {self.element}:
+            raise XanesdiffInputError(f"the prior samples {self.element} only; the start "
+                                      f"structure holds {sorted(symbols)}", "start")
+        dtype, cell = self.prior.dtype, start.cell.array
+        generator = torch.Generator().manual_seed(int(seed))
+        start_pos = torch.as_tensor(start.positions, dtype=dtype)
+        noise = torch.randn(start_pos.shape, generator=generator, dtype=dtype)
+        pos = wrap_positions(start_pos + float(noise_A) * noise, torch.as_tensor(cell, dtype=dtype))
+        atoms, log = self._sample(pos, cell, generator, guided, t_start=t_start)
+        return atoms, {"seed": int(seed), "density_g_cm3": cell_density_g_cm3(start),
+                       "start_noise_A": float(noise_A), **log}
+
+    def start_time(self, noise_A: float) -> float:
+        """The diffusion time whose noise is `noise_A` (Å), checked against the sampler's range."""
+        schedule = self.prior.schedule
+        t_start = float(schedule.t_of_sigma(float(noise_A)))
+        if not (self.sampler.t_end < t_start <= self.sampler.t_start):
+            lo, hi = (float(schedule.sigma(t)) for t in (self.sampler.t_end, self.sampler.t_start))
+            raise XanesdiffInputError(f"{noise_A} Å is outside the sampler's noise range "
+                                      f"({lo:.3g}, {hi:.3g}] Å", "start_noise_A")
+        return t_start
+
+    def _sample(self, pos, cell, generator, guided: bool, t_start: float | None
+                ) -> tuple[Atoms, dict]:
+        n, cell_t = len(pos), torch.as_tensor(cell, dtype=self.prior.dtype)
+        numbers = torch.full((n,), atomic_numbers[self.element], dtype=torch.long)
         terms = self.terms if guided else []
         if terms:
             fit_kept_memory(n * guided_step_mb_per_atom(self.surrogate))
         score_fn = GuidedScore(self.prior, cell_t, numbers, terms, self.through_denoiser,
                                self.max_ratio, self.refresh_every)
         self.prior.neighbors.clear()
-        pos = self.sampler.sample(pos, score_fn, lambda x: wrap_positions(x, cell_t), generator)
-        atoms = Atoms(numbers=numbers.numpy(), positions=pos.double().numpy(), cell=cell, pbc=True)
+        pos = self.sampler.sample(pos, score_fn, lambda x: wrap_positions(x, cell_t), generator,
+                                  t_start=t_start)
+        atoms = Atoms(numbers=numbers.numpy(), positions=pos.double().numpy(), cell=cell,
+                      pbc=True)
         atoms.wrap()
         ratios = [h["guidance_to_prior_rms"] for h in score_fn.history]
-        return atoms, {"seed": int(seed), "density_g_cm3": float(density_g_cm3 or 0.0),
-                       "guided": guided, "guided_steps": len(ratios),
+        return atoms, {"guided": guided, "guided_steps": len(ratios),
                        "max_guidance_to_prior_rms": max(ratios) if ratios else 0.0}
 
 

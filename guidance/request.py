@@ -56,9 +56,10 @@ def check_density(density) -> float | None:
     return density
 
 
-def set_relative_references(terms, generator, target, density, seed) -> None:
+def set_relative_references(terms, generator, target, density, seed, start=None) -> None:
     """Relative feature targets (e.g. +20% π*) refer to the target spectrum when there is one,
-    else to an unguided structure's prediction at the same density and seed."""
+    else to the start structure `start` (an ASE Atoms) when editing one, else to an unguided
+    structure's prediction at the same density and seed."""
     import torch
 
     from xanesdiff.guidance.validation import predict_members
@@ -69,10 +70,27 @@ def set_relative_references(terms, generator, target, density, seed) -> None:
     if target is not None:
         reference = target.spectrum
     else:
-        atoms, _ = generator.generate(density, seed, guided=False)
+        atoms = start if start is not None else generator.generate(density, seed, guided=False)[0]
         reference = predict_members(generator.surrogate, atoms).mean(0)
     for term in relative:
         term.set_reference(torch.as_tensor(reference, dtype=torch.float32))
+
+
+def load_start_structures(path, generator, noise_A) -> list:
+    """The structures `generate start=FILE` edits (every frame of any ASE-readable file), checked:
+    periodic, no overlapping atoms, only the prior's element, and a start noise (Å) within the
+    generator's sampler range."""
+    from xanesdiff.datasets.structures import check_elements, read_structures
+
+    if noise_A is None:
+        raise XanesdiffInputError("give the noise level (Å) to re-noise the start to",
+                                  "start_noise_A")
+    generator.start_time(float(noise_A))
+    frames = read_structures(path)
+    element = generator.element
+    for i, atoms in enumerate(frames):
+        check_elements(atoms, {element}, f"{path} (frame {i})")
+    return frames
 
 
 def compose_generate_config(overrides: list[str] | None = None) -> DictConfig:

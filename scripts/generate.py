@@ -17,8 +17,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from xanesdiff.datasets.errors import XanesdiffInputError
-from xanesdiff.guidance.request import (build_terms, check_density, make_generator,
-                                        set_relative_references)
+from xanesdiff.guidance.request import (build_terms, check_density, load_start_structures,
+                                        make_generator, set_relative_references)
 from xanesdiff.scripts._hydra import hydra_app, set_threads
 
 log = logging.getLogger("xanesdiff.generate")
@@ -28,8 +28,9 @@ def request_fingerprint(cfg: DictConfig) -> str:
     request = OmegaConf.to_container(cfg, resolve=True)
     for key in ("n", "out", "overwrite", "device", "validation"):
         request.pop(key, None)
-    if cfg.target is not None and Path(cfg.target).exists():
-        request["target_sha256"] = hashlib.sha256(Path(cfg.target).read_bytes()).hexdigest()
+    for key in ("target", "start"):  # the same path with other contents is another request
+        if cfg.get(key) is not None and Path(cfg[key]).is_file():
+            request[f"{key}_sha256"] = hashlib.sha256(Path(cfg[key]).read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -57,7 +58,7 @@ def run(cfg: DictConfig) -> dict:
     from tqdm import tqdm
 
     from xanesdiff.analysis.plots import plot_structure_report
-    from xanesdiff.analysis.structure import structure_report
+    from xanesdiff.analysis.structure import density_g_cm3, displacements, structure_report
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.forward.surrogate import load_surrogate
     from xanesdiff.guidance.report import (plot_density_scan, plot_spectra, write_extxyz,
@@ -86,16 +87,29 @@ def run(cfg: DictConfig) -> dict:
     terms = build_terms(cfg)
     for term in terms:
         term.bind(surrogate, None if target is None else target.spectrum)
+    generator = make_generator(cfg, prior, surrogate, terms)
+    start = None
+    if cfg.start is not None:
+        if density is not None:
+            raise XanesdiffInputError("a start structure fixes the density (its cell and atoms); "
+                                      "drop density=… or start=…", "density")
+        start = load_start_structures(cfg.start, generator, cfg.start_noise_A)
+        density = float(np.mean([density_g_cm3(a) for a in start]))
     if density is None and target is None:
         raise XanesdiffInputError("density is needed when there is no target spectrum to infer "
                                   "it from", "density")
     check_out_dir(out, request_fingerprint(cfg), bool(cfg.overwrite))
 
-    generator = make_generator(cfg, prior, surrogate, terms)
     report: dict = {"target": None if target is None else
                     {"source": target.source, "kind": target.kind, **target.details}}
     scan_path = out / "density_scan.json"
-    if density is None:
+    if start is not None:
+        start_info = [_spectral_info(a, target, validator, judge, validate_spectrum)
+                      for a in start]
+        report["density"] = {"start_g_cm3": [density_g_cm3(a) for a in start]}
+        report["start"] = {"source": str(cfg.start), "noise_A": float(cfg.start_noise_A),
+                           "frames": [_scalars(info) for info in start_info]}
+    elif density is None:
         if scan_path.exists():
             saved = json.loads(scan_path.read_text())
             density, scan = saved["inferred_density_g_cm3"], saved["scan"]
@@ -109,7 +123,8 @@ def run(cfg: DictConfig) -> dict:
     else:
         report["density"] = {"given_g_cm3": density}
 
-    set_relative_references(terms, generator, target, density, int(cfg.seed))
+    if start is None:
+        set_relative_references(terms, generator, target, density, int(cfg.seed))
 
     potential = load_potential() if cfg.validation.relax else None
     frames = []
@@ -119,8 +134,19 @@ def run(cfg: DictConfig) -> dict:
         if path.exists():
             frames.append(ase.io.read(path))
             continue
-        atoms, gen_log = generator.generate(density, seed)
+        if start is None:
+            atoms, gen_log = generator.generate(density, seed)
+        else:
+            k = i % len(start)
+            set_relative_references(terms, generator, target, None, seed, start=start[k])
+            atoms, gen_log = generator.edit(start[k], float(cfg.start_noise_A), seed)
+            moved = displacements(start[k], atoms)
+            gen_log.update(start_frame=k, start_rms_displacement_A=float(np.sqrt(np.mean(moved ** 2))),
+                           start_max_displacement_A=float(moved.max()))
+            if target is not None:
+                gen_log["start_mae"] = start_info[k]["mae"]
         info = {**gen_log, **_spectral_info(atoms, target, validator, judge, validate_spectrum)}
+        info.update(_feature_info(terms, info, None if start is None else start_info[k]))
         if info["outlier_sites"]:
             log.warning("structure %d: the validator's prediction at %d site(s) (atoms %s) is over "
                         "10× the typical site's: environments unlike the training data, e.g. a "
@@ -139,18 +165,25 @@ def run(cfg: DictConfig) -> dict:
         frames.append(atoms)
 
     write_extxyz(out / "structures.extxyz", frames)
-    reference = _training_reference(density)
+    reference = _training_reference(density) if start is None else start
     structure = structure_report(frames, reference)
     plot_structure_report(structure, out / "structure.png",
-                          title=f"generated at {density:.2f} g/cm³")
+                          title=f"generated at {density:.2f} g/cm³" if start is None else
+                          f"edited from {Path(cfg.start).name} (σ = {cfg.start_noise_A} Å)")
     grid = validator.grid.energies_eV
     predicted = [np.asarray(a.info["predicted"]) for a in frames]
     stds = [np.asarray(a.info["predicted_std"]) for a in frames]
+    shown = {f"structure_{i}": (p, s) for i, (p, s) in enumerate(zip(predicted, stds))}
+    if start is not None:  # the start structures' predictions, for comparison
+        shown = {**{f"start_{k}": (np.asarray(info["predicted"]),
+                                   np.asarray(info["predicted_std"]))
+                    for k, info in enumerate(start_info)}, **shown}
     plot_spectra(out / "spectra.png", grid, None if target is None else target.spectrum,
-                 predicted, stds, [f"structure {i}" for i in range(len(frames))],
+                 [p for p, _ in shown.values()], [s for _, s in shown.values()],
+                 [name.replace("_", " ") for name in shown],
                  title=f"{len(frames)} structures at {density:.2f} g/cm³")
     columns = {} if target is None else {"target": target.spectrum}
-    columns.update({f"structure_{i}": p for i, p in enumerate(predicted)})
+    columns.update({name: p for name, (p, _) in shown.items()})
     write_spectra_csv(out / "spectra.csv", grid, columns)
 
     per_structure = []
@@ -210,6 +243,32 @@ def _spectral_info(atoms, target, surrogate, judge, validate_spectrum) -> dict:
     if judge is not None:
         info.update(validate_spectrum(atoms, spectrum, judge, prefix="judge_"))
     return info
+
+
+def _feature_info(terms, info: dict, start_info: dict | None) -> dict:
+    """Each spectral-feature term (e.g. `pi_star_up`) measured on the validated prediction, on
+    the judge's, and on the start structure's, next to the term's target value."""
+    import torch
+
+    values = {}
+    for term in terms:
+        if not hasattr(term, "measure"):
+            continue
+        sources = [("", info, "predicted"), ("judge_", info, "judge_predicted")]
+        if start_info is not None:
+            sources += [("start_", start_info, "predicted"),
+                        ("start_judge_", start_info, "judge_predicted")]
+        for prefix, source, key in sources:
+            if key in source:
+                spectrum = torch.as_tensor(np.asarray(source[key]), dtype=torch.float64)
+                values[f"{prefix}{term.name}"] = float(term.measure(spectrum))
+        values[f"{term.name}_target"] = float(term.target_value)
+    return values
+
+
+def _scalars(info: dict) -> dict:
+    """The JSON-friendly part of a validation result (no spectra)."""
+    return {k: v for k, v in info.items() if not isinstance(v, (list, np.ndarray))}
 
 
 def _training_reference(density: float):

@@ -231,3 +231,30 @@ def test_score_accepts_float64_positions_and_numpy_inputs(tiny_prior):
     assert torch.allclose(s64.detach().float(), s32, atol=1e-5)
     s64.sum().backward()
     assert pos.grad is not None and torch.isfinite(pos.grad).all()
+
+
+@pytest.mark.parametrize("make_sampler", SAMPLERS, ids=["em", "pc", "ode", "restart"])
+def test_partial_run_starts_at_the_given_time_with_the_full_runs_step_density(tiny_prior,
+                                                                            make_sampler):
+    """A run from a partly noised structure (t_start below the sampler's own) evaluates the
+    score only at t ≤ t_start, beginning there, with steps in proportion to its share of the
+    grid; restart rounds never re-noise above it."""
+    sampler = make_sampler(tiny_prior.schedule)
+    cell = torch.tensor(cubic_cell_for_density(20, 2.0))
+    numbers = torch.full((20,), 6)
+    times = []
+
+    def score_fn(x, t):
+        times.append(float(t))
+        return tiny_prior.score(x, cell, numbers, t)
+
+    t_start = 0.2
+    pos = tiny_prior.schedule.prior_sampling(20, cell, torch.Generator().manual_seed(0),
+                                             torch.float64)
+    sampler.sample(pos, score_fn, lambda x: x, torch.Generator().manual_seed(0), t_start=t_start)
+    assert times[0] == pytest.approx(t_start) and max(times) <= t_start + 1e-12
+    assert min(times) == pytest.approx(sampler.t_end)
+    full = EulerMaruyama(tiny_prior.schedule, n_steps=40, t_end=0.04)
+    assert full.steps_from(0.52) == 20 and full.steps_from(1.0) == 40 and full.steps_from(0.05) == 1
+    with pytest.raises(ValueError, match="can start at t in"):
+        full.steps_from(0.01)

@@ -210,3 +210,44 @@ def test_killed_generate_resumes_without_losing_finished_structures(tiny_models,
     assert len(ase.io.read(out / "structures.extxyz", index=":")) == 4
     assert all((out / "samples" / n).read_bytes() == b for n, b in kept.items())
     assert not list(out.rglob(".*.tmp*"))
+
+
+def test_generate_edits_a_given_structure(tiny_models, tmp_path):
+    """`start=FILE`: each structure is the start re-noised and guided back (its cell, atoms and
+    density kept); the report compares it with the start, relative steers refer to the start,
+    and contradictory or bad requests are refused."""
+    from ase.build import bulk
+
+    start = bulk("C", "diamond", cubic=True).repeat(2)  # 64 atoms, 3.51 g/cm³
+    path = tmp_path / "start.vasp"
+    ase.io.write(path, start, format="vasp")
+    out = tmp_path / "edit"
+    run_generate(tiny_models, out, f"start={path}", "steer=pi_star_up", "n=2",
+                 "start_noise_A=0.1")
+    frames = ase.io.read(out / "structures.extxyz", index=":")
+    assert len(frames) == 2
+    assert all(len(a) == 64 and np.allclose(a.cell.array, start.cell.array) for a in frames)
+    info = frames[0].info
+    assert info["start_frame"] == 0 and info["start_noise_A"] == 0.1
+    assert 0 < info["start_rms_displacement_A"] < 0.5
+    assert info["pi_star_up_target"] == pytest.approx(1.2 * info["start_pi_star_up"], rel=1e-5)
+    assert {"pi_star_up", "judge_pi_star_up", "start_judge_pi_star_up"} <= set(info)
+    report = json.loads((out / "report.json").read_text())
+    assert report["density"]["start_g_cm3"][0] == pytest.approx(3.51, abs=0.02)
+    assert report["start"]["noise_A"] == 0.1 and report["start"]["source"] == str(path)
+    assert report["structure"]["reference"]["pooled"]["sp3"] == pytest.approx(1.0)  # the start
+    header = (out / "spectra.csv").read_text().splitlines()[0].split(",")
+    assert header == ["energy_eV", "start_0", "structure_0", "structure_1"]
+
+    silicon = start.copy()
+    silicon.numbers[:] = 14
+    bad_path = tmp_path / "si.extxyz"
+    ase.io.write(bad_path, [start, silicon])
+    for overrides, expected in (
+            ([f"start={path}", "density=2.0"], "fixes the density"),
+            ([f"start={bad_path}"], f"{bad_path} (frame 1): element(s) Si not supported"),
+            ([f"start={path}", "start_noise_A=5"], "start_noise_A: 5")):
+        proc = run_generate(tiny_models, tmp_path / "bad", "steer=pi_star_up", *overrides,
+                            check=False)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr

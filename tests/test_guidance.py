@@ -301,3 +301,51 @@ def test_outlier_sites_are_named_by_atom_index():
     result = validate_spectrum(atoms, None, ToySurrogate())
     assert result["outlier_sites"] == 0 and "outlier_atoms" not in result
     assert result["predicted"].shape == (TOY_GRID.n_points,)
+
+
+def test_edit_keeps_the_start_at_small_noise_and_moves_it_toward_the_guidance():
+    """`GuidedGenerator.edit` re-noises a given structure and denoises it: its cell, atoms and
+    density are kept, small noise keeps atoms near their start, guidance still acts, and bad
+    requests are refused by field."""
+    from ase import Atoms
+
+    from xanesdiff.analysis.structure import displacements
+    from xanesdiff.datasets.errors import XanesdiffInputError
+    from xanesdiff.diffusion.samplers import EulerMaruyama
+
+    prior = tiny_prior(dtype=torch.float32)
+    surrogate = ToySurrogate()
+    term = SpectralFeature("intensity", (284.5, 286.5), relation="ge", value=10.0,
+                           tolerance=0.5, surrogate=surrogate,
+                           schedule=TimeWindow(strength=1.0, t_max=1.0))
+    sampler = EulerMaruyama(prior.schedule, n_steps=12, t_end=0.05)
+    generator = GuidedGenerator(prior, surrogate, [term], sampler, max_ratio=5.0)
+    pos, cell, numbers = random_carbon(24, 2.5, seed=3)
+    start = Atoms(numbers=numbers.numpy(), positions=pos.numpy(), cell=cell.numpy(), pbc=True)
+
+    def feature(atoms):
+        spec = surrogate.mean_spectrum(torch.tensor(atoms.positions),
+                                       torch.tensor(atoms.cell.array), None).mean(0)
+        return float(term.measure(spec))
+
+    rms, edited = {}, {}
+    for noise in (0.05, 0.5):
+        edited[noise], log = generator.edit(start, noise, seed=0, guided=False)
+        assert len(edited[noise]) == 24
+        assert np.allclose(edited[noise].cell.array, start.cell.array)
+        assert log["density_g_cm3"] == pytest.approx(2.5, rel=1e-6)
+        rms[noise] = float(np.sqrt(np.mean(displacements(start, edited[noise]) ** 2)))
+    assert rms[0.05] < 0.3 and rms[0.05] < rms[0.5] / 2
+    again, _ = generator.edit(start, 0.05, seed=0, guided=False)
+    np.testing.assert_allclose(again.positions, edited[0.05].positions)
+
+    values = {guided: np.mean([feature(generator.edit(start, 0.5, seed, guided=guided)[0])
+                               for seed in range(3)]) for guided in (False, True)}
+    assert values[True] > values[False] * 1.05
+
+    with pytest.raises(XanesdiffInputError, match="start_noise_A"):
+        generator.edit(start, 2.0, seed=0)
+    silicon = start.copy()
+    silicon.numbers[:] = 14
+    with pytest.raises(XanesdiffInputError, match="samples C only"):
+        generator.edit(silicon, 0.1, seed=0)
