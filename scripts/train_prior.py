@@ -25,6 +25,7 @@ def select_structures(cfg_data) -> tuple[list, list[str], list[float]]:
     often, however many snapshots it has), else given to each of its cells."""
     from collections import Counter
 
+    from xanesdiff.datasets.assets import resolve_asset
     from xanesdiff.datasets.dataset import load_dataset
     from xanesdiff.datasets.errors import XanesdiffInputError
 
@@ -43,8 +44,34 @@ def select_structures(cfg_data) -> tuple[list, list[str], list[float]]:
                                            "data.network_weights"):
             weight_of[network] = weight
     cells_of = Counter(f.network for f in frames) if cfg_data.get("balance_networks") else {}
-    return ([f.atoms for f in frames], excluded,
-            [weight_of.get(f.network, 1.0) / cells_of.get(f.network, 1) for f in frames])
+    structures = [f.atoms for f in frames]
+    weights = [weight_of.get(f.network, 1.0) / cells_of.get(f.network, 1) for f in frames]
+    for path, weight in (cfg_data.get("extra_structures") or {}).items():
+        extra = extra_structures(resolve_asset(cfg_data.asset, cfg_data.root), path, weight)
+        structures += extra
+        weights += [float(weight) / len(extra)] * len(extra)
+    return structures, excluded, weights
+
+
+def extra_structures(root: Path, path: str, weight) -> list:
+    """Frames of a structure file added to the prior's training cells (`data.extra_structures`:
+    {file: weight}, a path relative to the dataset folder or absolute), carbon only; the file as
+    a whole is drawn as often as a network of that weight."""
+    from xanesdiff.datasets.errors import XanesdiffInputError
+    from xanesdiff.datasets.structures import check_elements, read_structures
+
+    try:
+        weight = float(weight)
+    except (TypeError, ValueError):
+        weight = -1.0
+    if not weight > 0:
+        raise XanesdiffInputError(f"expected {{file: positive weight}}, got {path!r}: {weight!r}",
+                                  "data.extra_structures")
+    file = Path(path) if Path(path).is_absolute() else Path(root) / path
+    frames = read_structures(file)
+    for i, atoms in enumerate(frames):
+        check_elements(atoms, {"C"}, f"{file} (frame {i})")
+    return frames
 
 
 def warm_start(score_model, path: str) -> None:

@@ -2,6 +2,8 @@
 
 import copy
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -331,6 +333,40 @@ def test_network_weights_and_balance_set_how_often_each_network_is_drawn(a_c_dat
     for bad in ({"2.2": 2.0}, {"dense": 2.0}):  # no network at this density; not a density
         cfg.network_weights = bad
         with pytest.raises(XanesdiffInputError, match="network_weights"):
+            select_structures(cfg)
+
+
+def test_extra_structures_join_the_training_cells_as_one_weighted_network(a_c_dataset,
+                                                                          tmp_path):
+    """`data.extra_structures={file: w}` adds every frame of the file (relative to the dataset
+    folder, or absolute) with w shared among them; bad weights and other elements are refused."""
+    import ase.io
+    from omegaconf import OmegaConf
+
+    from xanesdiff.datasets.errors import XanesdiffInputError
+    from xanesdiff.scripts.train_prior import select_structures
+
+    cfg = OmegaConf.create({"root": None, "asset": "data/a-C", "exclude_densities": [],
+                            "density_tol_g_cm3": 0.1, "network_weights": None,
+                            "balance_networks": True, "extra_structures": None})
+    plain, _, plain_weights = select_structures(cfg)
+    diamond = ase.io.read(Path(os.environ["XANESDIFF_ASSETS"]) / "data/a-C/references/diamond.vasp")
+    two_frames = tmp_path / "diamond_twice.extxyz"
+    ase.io.write(two_frames, [diamond, diamond])
+    cfg.extra_structures = {"references/diamond.vasp": 2.0, str(two_frames): 1.0}
+    structures, _, weights = select_structures(cfg)
+    assert len(structures) == len(plain) + 3 and weights[:len(plain)] == plain_weights
+    assert weights[len(plain):] == [2.0, 0.5, 0.5]
+    assert np.allclose(structures[len(plain)].positions, diamond.positions)
+    silicon = diamond.copy()
+    silicon.numbers[:] = 14
+    ase.io.write(tmp_path / "si.extxyz", silicon)
+    for bad, expected in (({"references/diamond.vasp": 0}, "positive weight"),
+                          ({"references/diamond.vasp": "heavy"}, "positive weight"),
+                          ({str(tmp_path / "si.extxyz"): 1}, "Si not supported"),
+                          ({"references/nothing.vasp": 1}, "does not exist")):
+        cfg.extra_structures = bad
+        with pytest.raises(XanesdiffInputError, match=expected):
             select_structures(cfg)
 
 
