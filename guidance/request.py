@@ -93,6 +93,22 @@ def load_start_structures(path, generator, noise_A) -> list:
     return frames
 
 
+def edit_structure(generator, terms, target, start, noise_A: float, seed: int,
+                   guided: bool = True):
+    """One edit of the structure `start` (relative steers refer to it, unless there is a target),
+    logged with how far its atoms moved (Å, minimum image); `guided=False`: the prior alone."""
+    import numpy as np
+
+    from xanesdiff.analysis.structure import displacements
+
+    set_relative_references(terms, generator, target, None, seed, start=start)
+    atoms, log = generator.edit(start, noise_A, seed, guided=guided)
+    moved = displacements(start, atoms)
+    log.update(start_rms_displacement_A=float(np.sqrt(np.mean(moved ** 2))),
+               start_max_displacement_A=float(moved.max()))
+    return atoms, log
+
+
 def compose_generate_config(overrides: list[str] | None = None) -> DictConfig:
     """The `xanesdiff generate` config (shipped defaults plus `overrides`), for programmatic use
     such as benchmarks that must run exactly what the command runs."""

@@ -31,20 +31,19 @@ from xanesdiff.diffusion.prior import load_prior
 from xanesdiff.forward.surrogate import load_surrogate
 from xanesdiff.guidance.features import SpectralFeature
 from xanesdiff.guidance.report import write_json
-from xanesdiff.guidance.request import (build_terms, compose_generate_config, make_generator,
-                                        set_relative_references)
+from xanesdiff.guidance.request import (build_terms, compose_generate_config, edit_structure,
+                                        make_generator)
 from xanesdiff.guidance.validation import predict_members
 
 
 def edit_row(generator, terms, start, noise_A: float, seed: int, guided: bool, judge_pi) -> dict:
-    set_relative_references(terms, generator, None, None, seed, start=start)
     clock = time.perf_counter()
-    atoms, _ = generator.edit(start, noise_A, seed, guided=guided)
-    moved = displacements(start, atoms)
+    atoms, log = edit_structure(generator, terms, None, start, noise_A, seed, guided)
     return {"seed": seed, "guided": guided, "wall_s": time.perf_counter() - clock,
             "pi_star": judge_pi(atoms), **hybridization_fractions(atoms),
-            "rms_displacement_A": float(np.sqrt(np.mean(moved ** 2))),
-            "moved_over_0.5A": float(np.mean(moved > 0.5)), "dmin_A": minimum_distance(atoms)}
+            "rms_displacement_A": log["start_rms_displacement_A"],
+            "moved_over_0.5A": float(np.mean(displacements(start, atoms) > 0.5)),
+            "dmin_A": minimum_distance(atoms)}
 
 
 def summarise(rows: list[dict], start_row: dict) -> dict:

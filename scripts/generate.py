@@ -17,8 +17,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from xanesdiff.datasets.errors import XanesdiffInputError
-from xanesdiff.guidance.request import (build_terms, check_density, load_start_structures,
-                                        make_generator, set_relative_references)
+from xanesdiff.guidance.request import (build_terms, check_density, edit_structure,
+                                        load_start_structures, make_generator,
+                                        set_relative_references)
 from xanesdiff.scripts._hydra import hydra_app, set_threads
 
 log = logging.getLogger("xanesdiff.generate")
@@ -58,7 +59,7 @@ def run(cfg: DictConfig) -> dict:
     from tqdm import tqdm
 
     from xanesdiff.analysis.plots import plot_structure_report
-    from xanesdiff.analysis.structure import density_g_cm3, displacements, structure_report
+    from xanesdiff.analysis.structure import density_g_cm3, structure_report
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.forward.surrogate import load_surrogate
     from xanesdiff.guidance.report import (plot_density_scan, plot_spectra, write_extxyz,
@@ -138,13 +139,10 @@ def run(cfg: DictConfig) -> dict:
             atoms, gen_log = generator.generate(density, seed)
         else:
             k = i % len(start)
-            set_relative_references(terms, generator, target, None, seed, start=start[k])
-            atoms, gen_log = generator.edit(start[k], float(cfg.start_noise_A), seed)
-            moved = displacements(start[k], atoms)
-            gen_log.update(start_frame=k, start_rms_displacement_A=float(np.sqrt(np.mean(moved ** 2))),
-                           start_max_displacement_A=float(moved.max()))
-            if target is not None:
-                gen_log["start_mae"] = start_info[k]["mae"]
+            atoms, gen_log = edit_structure(generator, terms, target, start[k],
+                                            float(cfg.start_noise_A), seed)
+            gen_log.update(start_frame=k, **({} if target is None else
+                                             {"start_mae": start_info[k]["mae"]}))
         info = {**gen_log, **_spectral_info(atoms, target, validator, judge, validate_spectrum)}
         info.update(_feature_info(terms, info, None if start is None else start_info[k]))
         if info["outlier_sites"]:
