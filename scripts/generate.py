@@ -95,6 +95,9 @@ def run(cfg: DictConfig) -> dict:
             raise XanesdiffInputError("a start structure fixes the density (its cell and atoms); "
                                       "drop density=… or start=…", "density")
         start = load_start_structures(cfg.start, generator, cfg.start_noise_A)
+        if int(cfg.n) < len(start):
+            log.warning("%s holds %d frames but n=%d: only the first %d are edited", cfg.start,
+                        len(start), int(cfg.n), int(cfg.n))
         density = float(np.mean([density_g_cm3(a) for a in start]))
     if density is None and target is None:
         raise XanesdiffInputError("density is needed when there is no target spectrum to infer "
