@@ -34,8 +34,9 @@ def build_terms(cfg: DictConfig) -> list:
             specs[name] = OmegaConf.merge(OmegaConf.load(path), specs.get(name) or {})
     if cfg.target is None:
         specs.pop("spectrum", None)
-    if not specs:
-        raise XanesdiffInputError("nothing to guide on: give target=FILE and/or steer=NAME",
+    if not specs and cfg.get("start") is None:  # edits of a start need no guidance: variants
+        raise XanesdiffInputError("nothing to guide on: give target=FILE and/or steer=NAME "
+                                  "(or start=FILE for unguided variants of a structure)",
                                   "generate")
     return [instantiate(spec, _convert_="all") for spec in specs.values()]
 

@@ -239,6 +239,11 @@ def test_generate_edits_a_given_structure(tiny_models, tmp_path):
     header = (out / "spectra.csv").read_text().splitlines()[0].split(",")
     assert header == ["energy_eV", "start_0", "structure_0", "structure_1"]
 
+    # without a target or a steer: the prior's own variants of the start
+    run_generate(tiny_models, tmp_path / "variants", f"start={path}", "n=1")
+    variant = ase.io.read(tmp_path / "variants" / "structures.extxyz")
+    assert variant.info["guided_steps"] == 0 and len(variant) == 64
+
     silicon = start.copy()
     silicon.numbers[:] = 14
     bad_path = tmp_path / "si.extxyz"
