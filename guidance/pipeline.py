@@ -63,24 +63,38 @@ class GuidedGenerator:
         atoms, log = self._sample(pos, cell, generator, guided, t_start=None)
         return atoms, {"seed": int(seed), "density_g_cm3": float(density_g_cm3 or 0.0), **log}
 
-    def edit(self, start: Atoms, noise_A: float, seed: int, guided: bool = True
-             ) -> tuple[Atoms, dict]:
+    def edit(self, start: Atoms, noise_A: float, seed: int, guided: bool = True,
+             mobile=None) -> tuple[Atoms, dict]:
         """A variant of the structure `start` (its cell, atoms and density): its positions are
         noised to σ = `noise_A` (Å) and denoised again, with guidance when `guided`. A small σ
-        (≈0.1 Å) keeps the network and adjusts its geometry; from ≈0.25 Å bonds rearrange."""
+        (≈0.1 Å) keeps the network and adjusts its geometry; from ≈0.25 Å bonds rearrange.
+        `mobile` (N,) bool: only these atoms move; the others stay exactly at their start
+        positions, as clean context for the rest (default: all atoms move)."""
         t_start = self.start_time(noise_A)
         symbols = set(start.get_chemical_symbols())
         if symbols != {self.element}:
             raise XanesdiffInputError(f"the prior samples {self.element} only; the start "
                                       f"structure holds {sorted(symbols)}", "start")
         dtype, cell = self.prior.dtype, start.cell.array
+        cell_t = torch.as_tensor(cell, dtype=dtype)
         generator = torch.Generator().manual_seed(int(seed))
         start_pos = torch.as_tensor(start.positions, dtype=dtype)
         noise = torch.randn(start_pos.shape, generator=generator, dtype=dtype)
-        pos = wrap_positions(start_pos + float(noise_A) * noise, torch.as_tensor(cell, dtype=dtype))
-        atoms, log = self._sample(pos, cell, generator, guided, t_start=t_start)
+        moves = torch.ones(len(start), 1, dtype=torch.bool)
+        if mobile is not None:
+            moves = torch.as_tensor(np.asarray(mobile, dtype=bool)).reshape(-1, 1)
+            if moves.shape[0] != len(start) or not bool(moves.any()):
+                raise XanesdiffInputError(f"mobile atoms: expected a mask of {len(start)} atoms "
+                                          f"selecting at least one", "start_region")
+        pinned = wrap_positions(start_pos, cell_t)
+
+        def hold_fixed(x):  # the samplers' wrap: fixed atoms back to their start positions
+            return wrap_positions(torch.where(moves, x, pinned), cell_t)
+
+        pos = hold_fixed(start_pos + float(noise_A) * noise)
+        atoms, log = self._sample(pos, cell, generator, guided, t_start=t_start, wrap_fn=hold_fixed)
         return atoms, {"seed": int(seed), "density_g_cm3": cell_density_g_cm3(start),
-                       "start_noise_A": float(noise_A), **log}
+                       "start_noise_A": float(noise_A), "mobile_atoms": int(moves.sum()), **log}
 
     def start_time(self, noise_A: float) -> float:
         """The diffusion time whose noise is `noise_A` (Å), checked against the sampler's range."""
@@ -92,8 +106,8 @@ class GuidedGenerator:
                                       f"({lo:.3g}, {hi:.3g}] Å", "start_noise_A")
         return t_start
 
-    def _sample(self, pos, cell, generator, guided: bool, t_start: float | None
-                ) -> tuple[Atoms, dict]:
+    def _sample(self, pos, cell, generator, guided: bool, t_start: float | None,
+                wrap_fn=None) -> tuple[Atoms, dict]:
         n, cell_t = len(pos), torch.as_tensor(cell, dtype=self.prior.dtype)
         numbers = torch.full((n,), atomic_numbers[self.element], dtype=torch.long)
         terms = self.terms if guided else []
@@ -102,8 +116,8 @@ class GuidedGenerator:
         score_fn = GuidedScore(self.prior, cell_t, numbers, terms, self.through_denoiser,
                                self.max_ratio, self.refresh_every)
         self.prior.neighbors.clear()
-        pos = self.sampler.sample(pos, score_fn, lambda x: wrap_positions(x, cell_t), generator,
-                                  t_start=t_start)
+        pos = self.sampler.sample(pos, score_fn, wrap_fn or (lambda x: wrap_positions(x, cell_t)),
+                                  generator, t_start=t_start)
         atoms = Atoms(numbers=numbers.numpy(), positions=pos.double().numpy(), cell=cell,
                       pbc=True)
         atoms.wrap()

@@ -94,16 +94,49 @@ def load_start_structures(path, generator, noise_A) -> list:
     return frames
 
 
+def region_mask(atoms, region) -> "np.ndarray | None":
+    """The atoms an edit may move (bool (N,)), from `start_region`: `atoms` (indices), or
+    `center_A` ([x, y, z] Å) with `radius_A` (minimum-image distance); None: every atom."""
+    import numpy as np
+    from ase.geometry import find_mic
+
+    region = dict(region or {})
+    indices, center, radius = region.get("atoms"), region.get("center_A"), region.get("radius_A")
+    if indices is None and center is None and radius is None:
+        return None
+    if indices is not None and (center is not None or radius is not None):
+        raise XanesdiffInputError("give atoms or center_A with radius_A, not both",
+                                  "start_region")
+    mask = np.zeros(len(atoms), dtype=bool)
+    if indices is not None:
+        indices = np.asarray(list(indices), dtype=int)
+        if indices.size == 0 or indices.min() < 0 or indices.max() >= len(atoms):
+            raise XanesdiffInputError(f"atoms: expected indices in 0…{len(atoms) - 1}, got "
+                                      f"{indices.tolist()}", "start_region")
+        mask[indices] = True
+        return mask
+    if center is None or radius is None or len(list(center)) != 3 or not float(radius) > 0:
+        raise XanesdiffInputError(f"expected center_A [x, y, z] (Å) and a positive radius_A, "
+                                  f"got {center} and {radius}", "start_region")
+    _, distance = find_mic(atoms.positions - np.asarray(list(center), float), atoms.cell,
+                           pbc=True)
+    mask = distance <= float(radius)
+    if not mask.any():
+        raise XanesdiffInputError(f"no atom within {radius} Å of {list(center)}", "start_region")
+    return mask
+
+
 def edit_structure(generator, terms, target, start, noise_A: float, seed: int,
-                   guided: bool = True):
+                   guided: bool = True, mobile=None):
     """One edit of the structure `start` (relative steers refer to it, unless there is a target),
-    logged with how far its atoms moved (Å, minimum image); `guided=False`: the prior alone."""
+    logged with how far its atoms moved (Å, minimum image); `guided=False`: the prior alone;
+    `mobile` (bool (N,)): only these atoms move."""
     import numpy as np
 
     from xanesdiff.analysis.structure import displacements
 
     set_relative_references(terms, generator, target, None, seed, start=start)
-    atoms, log = generator.edit(start, noise_A, seed, guided=guided)
+    atoms, log = generator.edit(start, noise_A, seed, guided=guided, mobile=mobile)
     moved = displacements(start, atoms)
     log.update(start_rms_displacement_A=float(np.sqrt(np.mean(moved ** 2))),
                start_max_displacement_A=float(moved.max()))

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.guidance.request import (build_terms, check_density, edit_structure,
-                                        load_start_structures, make_generator,
+                                        load_start_structures, make_generator, region_mask,
                                         set_relative_references)
 from xanesdiff.scripts._hydra import hydra_app, set_threads
 
@@ -95,6 +95,8 @@ def run(cfg: DictConfig) -> dict:
             raise XanesdiffInputError("a start structure fixes the density (its cell and atoms); "
                                       "drop density=… or start=…", "density")
         start = load_start_structures(cfg.start, generator, cfg.start_noise_A)
+        for atoms in start:  # a bad region is refused before anything is generated
+            region_mask(atoms, cfg.start_region)
         if int(cfg.n) < len(start):
             log.warning("%s holds %d frames but n=%d: only the first %d are edited", cfg.start,
                         len(start), int(cfg.n), int(cfg.n))
@@ -143,7 +145,8 @@ def run(cfg: DictConfig) -> dict:
         else:
             k = i % len(start)
             atoms, gen_log = edit_structure(generator, terms, target, start[k],
-                                            float(cfg.start_noise_A), seed)
+                                            float(cfg.start_noise_A), seed,
+                                            mobile=region_mask(start[k], cfg.start_region))
             gen_log.update(start_frame=k, **({} if target is None else
                                              {"start_mae": start_info[k]["mae"]}))
         info = {**gen_log, **_spectral_info(atoms, target, validator, judge, validate_spectrum)}

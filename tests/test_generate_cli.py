@@ -239,6 +239,21 @@ def test_generate_edits_a_given_structure(tiny_models, tmp_path):
     header = (out / "spectra.csv").read_text().splitlines()[0].split(",")
     assert header == ["energy_eV", "start_0", "structure_0", "structure_1"]
 
+    # a region: atoms beyond 3 Å of the cell centre (minimum image) stay exactly put
+    from ase.geometry import find_mic
+
+    from xanesdiff.analysis.structure import displacements
+
+    centre = start.cell.array.sum(0) / 2
+    inside = find_mic(start.positions - centre, start.cell, pbc=True)[1] <= 3.0
+    run_generate(tiny_models, tmp_path / "region", f"start={path}", "steer=pi_star_up", "n=1",
+                 "start_noise_A=0.3", f"start_region.center_A=[{','.join(map(str, centre))}]",
+                 "start_region.radius_A=3.0")
+    local = ase.io.read(tmp_path / "region" / "structures.extxyz")
+    moved = displacements(start, local)
+    assert local.info["mobile_atoms"] == inside.sum() > 0
+    assert moved[~inside].max() < 1e-4 and moved[inside].max() > 0.05
+
     # without a target or a steer: the prior's own variants of the start
     run_generate(tiny_models, tmp_path / "variants", f"start={path}", "n=1")
     variant = ase.io.read(tmp_path / "variants" / "structures.extxyz")
@@ -251,7 +266,8 @@ def test_generate_edits_a_given_structure(tiny_models, tmp_path):
     for overrides, expected in (
             ([f"start={path}", "density=2.0"], "fixes the density"),
             ([f"start={bad_path}"], f"{bad_path} (frame 1): element(s) Si not supported"),
-            ([f"start={path}", "start_noise_A=5"], "start_noise_A: 5")):
+            ([f"start={path}", "start_noise_A=5"], "start_noise_A: 5"),
+            ([f"start={path}", "start_region.atoms=[64]"], "start_region: atoms: expected")):
         proc = run_generate(tiny_models, tmp_path / "bad", "steer=pi_star_up", *overrides,
                             check=False)
         assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]

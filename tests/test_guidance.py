@@ -343,8 +343,17 @@ def test_edit_keeps_the_start_at_small_noise_and_moves_it_toward_the_guidance():
                                for seed in range(3)]) for guided in (False, True)}
     assert values[True] > values[False] * 1.05
 
+    mobile = np.zeros(24, dtype=bool)
+    mobile[:6] = True  # only six atoms may move; the rest stay exactly where they were
+    local, log = generator.edit(start, 0.5, seed=0, mobile=mobile)
+    moved = displacements(start, local)
+    assert log["mobile_atoms"] == 6
+    assert moved[~mobile].max() < 1e-5 and moved[mobile].min() > 0.05
+
     with pytest.raises(XanesdiffInputError, match="start_noise_A"):
         generator.edit(start, 2.0, seed=0)
+    with pytest.raises(XanesdiffInputError, match="start_region"):
+        generator.edit(start, 0.1, seed=0, mobile=np.zeros(24, dtype=bool))
     silicon = start.copy()
     silicon.numbers[:] = 14
     with pytest.raises(XanesdiffInputError, match="samples C only"):
