@@ -190,8 +190,8 @@ def test_lagged_guidance_reuses_the_last_contribution():
     assert len(lagged.history) == 2
 
 
-def test_guided_sampling_moves_feature_toward_target():
-    """With the same seeds, guiding toward a higher π* intensity gives a higher π* intensity."""
+def pi_star_generator():
+    """A tiny prior guided toward a higher π* window intensity of the toy surrogate (24 atoms)."""
     from xanesdiff.diffusion.samplers import EulerMaruyama
 
     prior = tiny_prior(dtype=torch.float32)
@@ -200,7 +200,13 @@ def test_guided_sampling_moves_feature_toward_target():
                            tolerance=0.5, surrogate=surrogate,
                            schedule=TimeWindow(strength=1.0, t_max=1.0))
     sampler = EulerMaruyama(prior.schedule, n_steps=12, t_end=0.05)
-    generator = GuidedGenerator(prior, surrogate, [term], sampler, n_atoms=24, max_ratio=5.0)
+    return GuidedGenerator(prior, surrogate, [term], sampler, n_atoms=24, max_ratio=5.0), term
+
+
+def test_guided_sampling_moves_feature_toward_target():
+    """With the same seeds, guiding toward a higher π* intensity gives a higher π* intensity."""
+    generator, term = pi_star_generator()
+    surrogate = generator.surrogate
     values = {}
     for guided in (False, True):
         vals = []
@@ -311,15 +317,9 @@ def test_edit_keeps_the_start_at_small_noise_and_moves_it_toward_the_guidance():
 
     from xanesdiff.analysis.structure import displacements
     from xanesdiff.datasets.errors import XanesdiffInputError
-    from xanesdiff.diffusion.samplers import EulerMaruyama
 
-    prior = tiny_prior(dtype=torch.float32)
-    surrogate = ToySurrogate()
-    term = SpectralFeature("intensity", (284.5, 286.5), relation="ge", value=10.0,
-                           tolerance=0.5, surrogate=surrogate,
-                           schedule=TimeWindow(strength=1.0, t_max=1.0))
-    sampler = EulerMaruyama(prior.schedule, n_steps=12, t_end=0.05)
-    generator = GuidedGenerator(prior, surrogate, [term], sampler, max_ratio=5.0)
+    generator, term = pi_star_generator()
+    surrogate = generator.surrogate
     pos, cell, numbers = random_carbon(24, 2.5, seed=3)
     start = Atoms(numbers=numbers.numpy(), positions=pos.numpy(), cell=cell.numpy(), pbc=True)
 
