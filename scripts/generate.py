@@ -1,5 +1,8 @@
 """`xanesdiff generate`: structures whose predicted XANES matches a target, validated and reported.
 
+From scratch (random positions at a given or inferred density), or, with `start=FILE`, as edits
+of given structures (re-noised to `start_noise_A` and denoised with the same guidance).
+
 Writes into `out`: samples/sample_NNN.extxyz (one per structure, as it finishes: a rerun resumes),
 structures.extxyz (all, metrics in `info`), report.json, spectra.csv, spectra.png,
 structure.png, and density_scan.png when the density was inferred.
