@@ -9,7 +9,8 @@ prior alone: what re-noising does by itself). Judged by the shipped judge surrog
 features), not the guide. Sampler and guidance settings are exactly `xanesdiff generate`'s.
 Reported per σ: the judged π* change against the start, hybridisation changes, the RMS
 displacement of the atoms from the start (minimum image), CN1, the closest pair, seconds per
-structure. The shipped models have seen the start's network (it is training data).
+structure; also for guided edits of only the atoms within `--region-radius` of the cell centre
+(`guided_region`, `generate start_region=…`). The shipped models have seen the start's network (it is training data).
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ from xanesdiff.forward.surrogate import load_surrogate
 from xanesdiff.guidance.features import SpectralFeature
 from xanesdiff.guidance.report import write_json
 from xanesdiff.guidance.request import (build_terms, compose_generate_config, edit_structure,
-                                        make_generator)
+                                        make_generator, region_mask)
 from xanesdiff.guidance.validation import predict_members
 
 
-def edit_row(generator, terms, start, noise_A: float, seed: int, guided: bool, judge_pi) -> dict:
+def edit_row(generator, terms, start, noise_A: float, seed: int, guided: bool, judge_pi,
+             mobile=None) -> dict:
     clock = time.perf_counter()
-    atoms, log = edit_structure(generator, terms, None, start, noise_A, seed, guided)
-    return {"seed": seed, "guided": guided, "wall_s": time.perf_counter() - clock,
+    atoms, log = edit_structure(generator, terms, None, start, noise_A, seed, guided, mobile)
+    return {"seed": seed, "guided": guided, "region": mobile is not None,
+            "wall_s": time.perf_counter() - clock,
             "pi_star": judge_pi(atoms), **hybridization_fractions(atoms),
             "rms_displacement_A": log["start_rms_displacement_A"],
             "moved_over_0.5A": float(np.mean(displacements(start, atoms) > 0.5)),
@@ -66,6 +69,9 @@ def main(argv=None) -> None:
     parser.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.2, 0.3],
                         help="start noise levels σ (Å)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--region-radius", type=float, default=6.0,
+                        help="Å: guided edits of only the atoms this close to the cell centre "
+                             "are also run (guided_region)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra generate-config overrides")
@@ -92,13 +98,17 @@ def main(argv=None) -> None:
         return float(measure.measure(torch.as_tensor(predict_members(judge, atoms).mean(0))))
 
     start_row = {"pi_star": judge_pi(start), **hybridization_fractions(start)}
+    centre = start.cell.array.sum(0) / 2
+    mobile = region_mask(start, {"center_A": centre.tolist(), "radius_A": args.region_radius})
     result.update({"command": "python -m xanesdiff.scripts.benchmark_edit "
                               + " ".join(sys.argv[1:] if argv is None else argv),
                    "machine": f"{platform.processor() or platform.machine()}, "
                               f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                    "start": {"frame": frame.name, "density_g_cm3": dataset.network_density(network),
                              **start_row},
-                   "steer": "pi_star_up (π* ≥ 1.2 × the start's, by the guide)"})
+                   "steer": "pi_star_up (π* ≥ 1.2 × the start's, by the guide)",
+                   "region": {"center": "cell centre", "radius_A": args.region_radius,
+                              "mobile_atoms": int(mobile.sum())}})
     by_noise = result.setdefault("by_noise", {})
     for noise in args.noise:
         key = f"{noise:g}"
@@ -106,12 +116,16 @@ def main(argv=None) -> None:
             continue
         rows = [edit_row(generator, terms, start, noise, seed, guided, judge_pi)
                 for seed in range(args.seeds) for guided in (True, False)]
-        by_noise[key] = {"guided": summarise([r for r in rows if r["guided"]], start_row),
-                         "unguided": summarise([r for r in rows if not r["guided"]], start_row),
-                         "n_seeds": args.seeds, "rows": rows}
+        rows += [edit_row(generator, terms, start, noise, seed, True, judge_pi, mobile)
+                 for seed in range(args.seeds)]
+        by_noise[key] = {
+            "guided": summarise([r for r in rows if r["guided"] and not r["region"]], start_row),
+            "unguided": summarise([r for r in rows if not r["guided"]], start_row),
+            "guided_region": summarise([r for r in rows if r["region"]], start_row),
+            "n_seeds": args.seeds, "rows": rows}
         write_json(out, result)  # after every noise level: an interrupted run keeps it
-        print(key, json.dumps({k: by_noise[key][k] for k in ("guided", "unguided")},
-                              default=float))
+        print(key, json.dumps({k: by_noise[key][k] for k in ("guided", "unguided",
+                                                              "guided_region")}, default=float))
 
 
 if __name__ == "__main__":
