@@ -10,7 +10,8 @@ features), not the guide. Sampler and guidance settings are exactly `xanesdiff g
 Reported per σ: the judged π* change against the start, hybridisation changes, the RMS
 displacement of the atoms from the start (minimum image), CN1, the closest pair, seconds per
 structure; also for guided edits of only the atoms within `--region-radius` of the cell centre
-(`guided_region`, `generate start_region=…`). The shipped models have seen the start's network (it is training data).
+(`guided_region`, `generate start_region=…`). The shipped models have seen the start's network
+(it is training data).
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ def main(argv=None) -> None:
     cfg = compose_generate_config(["steer=pi_star_up", *args.set])
     surrogate, judge = load_surrogate(cfg.models.surrogate), load_surrogate("judge")
     terms = [t.bind(surrogate) for t in build_terms(cfg)]
-    generator = make_generator(cfg, load_prior(cfg.models.prior, hard_core_A=cfg.models.hard_core_A),
-                               surrogate, terms)
+    prior = load_prior(cfg.models.prior, hard_core_A=cfg.models.hard_core_A)
+    generator = make_generator(cfg, prior, surrogate, terms)
     window = next(t.window_eV for t in terms if hasattr(t, "window_eV"))
     measure = SpectralFeature("intensity", window, value=0.0, surrogate=judge)
 
@@ -104,8 +105,8 @@ def main(argv=None) -> None:
                               + " ".join(sys.argv[1:] if argv is None else argv),
                    "machine": f"{platform.processor() or platform.machine()}, "
                               f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-                   "start": {"frame": frame.name, "density_g_cm3": dataset.network_density(network),
-                             **start_row},
+                   "start": {"frame": frame.name,
+                             "density_g_cm3": dataset.network_density(network), **start_row},
                    "steer": "pi_star_up (π* ≥ 1.2 × the start's, by the guide)",
                    "region": {"center": "cell centre", "radius_A": args.region_radius,
                               "mobile_atoms": int(mobile.sum())}})

@@ -98,8 +98,7 @@ def run(cfg: DictConfig) -> dict:
             raise XanesdiffInputError("a start structure fixes the density (its cell and atoms); "
                                       "drop density=… or start=…", "density")
         start = load_start_structures(cfg.start, generator, cfg.start_noise_A)
-        for atoms in start:  # a bad region is refused before anything is generated
-            region_mask(atoms, cfg.start_region)
+        mobile = [region_mask(a, cfg.start_region) for a in start]  # refused before generating
         if int(cfg.n) < len(start):
             log.warning("%s holds %d frames but n=%d: only the first %d are edited", cfg.start,
                         len(start), int(cfg.n), int(cfg.n))
@@ -149,7 +148,7 @@ def run(cfg: DictConfig) -> dict:
             k = i % len(start)
             atoms, gen_log = edit_structure(generator, terms, target, start[k],
                                             float(cfg.start_noise_A), seed,
-                                            mobile=region_mask(start[k], cfg.start_region))
+                                            mobile=mobile[k])
             gen_log.update(start_frame=k, **({} if target is None else
                                              {"start_mae": start_info[k]["mae"]}))
         info = {**gen_log, **_spectral_info(atoms, target, validator, judge, validate_spectrum)}
@@ -195,7 +194,7 @@ def run(cfg: DictConfig) -> dict:
 
     per_structure = []
     for i, atoms in enumerate(frames):
-        row = {k: v for k, v in atoms.info.items() if not isinstance(v, (list, np.ndarray))}
+        row = _scalars(atoms.info)
         row.update(structure["per_structure"][i])
         per_structure.append(row)
     summary = {"density_g_cm3": density, "n_structures": len(frames)}
