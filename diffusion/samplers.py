@@ -35,8 +35,11 @@ def _check_finite(pos: torch.Tensor, where: str) -> None:
 class Sampler:
     """Base: a time grid from `t_start` to `t_end` (uniform in t^(1/grid_power): grid_power > 1
     puts more steps at small noise), optional final Langevin corrector steps at `t_end` and a
-    final Tweedie denoising step x ← x + σ(t_end)² s(x, t_end). `noise_scale` < 1 lowers the
-    noise injected by reverse-SDE steps (a "temperature": sharper, less diverse samples)."""
+    final Tweedie denoising step x ← x + σ(t_end)² s(x, t_end). `noise_scale` multiplies the noise
+    of the reverse-SDE steps and of the Langevin corrector: a temperature T = noise_scale², below 1
+    the sampler aims at ≈ p^(1/T), sharper and less diverse samples (a Gaussian's variance shrinks
+    by T; the Langevin step keeps the T = 1 signal-to-noise rule, so 0 is safe only without
+    corrector steps)."""
 
     name = "base"
 
@@ -55,6 +58,8 @@ class Sampler:
         self.corrector_snr = float(corrector_snr)
         self.final_denoise = bool(final_denoise)
         self.grid_power = float(grid_power)
+        if noise_scale < 0:
+            raise ValueError(f"noise_scale must be ≥ 0 (got {noise_scale})")
         self.noise_scale = float(noise_scale)
         self.n_score_evals = 0
 
@@ -90,7 +95,7 @@ class Sampler:
         score = self._score(score_fn, pos, t)
         z = self._noise(pos, generator)
         step = 2 * (self.corrector_snr * z.norm() / score.norm().clamp_min(1e-12)) ** 2
-        return wrap_fn(pos + step * score + (2 * step) ** 0.5 * z)
+        return wrap_fn(pos + step * score + self.noise_scale * (2 * step) ** 0.5 * z)
 
     def finish(self, pos, score_fn, wrap_fn, generator):
         for k in range(self.final_corrector_steps):

@@ -258,3 +258,25 @@ def test_partial_run_starts_at_the_given_time_with_the_full_runs_step_density(ti
     assert full.steps_from(0.52) == 20 and full.steps_from(1.0) == 40 and full.steps_from(0.05) == 1
     with pytest.raises(ValueError, match="can start at t in"):
         full.steps_from(0.01)
+
+
+@pytest.mark.parametrize("sampler_cls", [EulerMaruyama, PredictorCorrector], ids=["em", "pc"])
+def test_noise_scale_acts_as_a_temperature(sampler_cls):
+    """With the exact score of a Gaussian (per-coordinate variance s0², noised by the VE
+    schedule), samples have variance ≈ s0² at noise_scale 1 and ≈ noise_scale² · s0² below:
+    the reverse-SDE and corrector noise both shrink, so the sampler targets p^(1/T), T = scale²."""
+    schedule, s0 = VESchedule(0.8), 0.3
+
+    def gaussian_score(x, t):
+        return -x / (s0 ** 2 + schedule.sigma(t) ** 2)
+
+    variances = {}
+    for scale in (1.0, 0.5):
+        sampler = sampler_cls(schedule, n_steps=60, t_end=0.04, final_corrector_steps=3,
+                              corrector_snr=0.3, noise_scale=scale)
+        g = torch.Generator().manual_seed(0)
+        start = torch.randn(5000, 3, generator=g, dtype=torch.float64) * schedule.sigma(1.0)
+        out = sampler.sample(start, gaussian_score, lambda x: x, g)
+        variances[scale] = float(out.var()) / s0 ** 2
+    assert 0.85 < variances[1.0] < 1.2
+    assert 0.18 < variances[0.5] < 0.4
