@@ -38,8 +38,7 @@ class Sampler:
     final Tweedie denoising step x ← x + σ(t_end)² s(x, t_end). `noise_scale` multiplies the noise
     of the reverse-SDE steps and of the Langevin corrector: a temperature T = noise_scale², below 1
     the sampler aims at ≈ p^(1/T), sharper and less diverse samples (a Gaussian's variance shrinks
-    by T; the Langevin step keeps the T = 1 signal-to-noise rule, so 0 is safe only without
-    corrector steps)."""
+    by T)."""
 
     name = "base"
 
@@ -91,10 +90,15 @@ class Sampler:
         return wrap_fn(pos)
 
     def langevin_step(self, pos, score_fn, wrap_fn, t, generator):
-        """Langevin corrector with the signal-to-noise step rule of score_sde."""
+        """Langevin corrector x ← x + ε s + √(2ε) · noise_scale · z with the signal-to-noise
+        step rule of score_sde, ε = 2 (snr |z| / |s|)², capped at σ(t)² (Å²): the drift then
+        never goes past the Tweedie denoised estimate x + σ² s, which keeps the step bounded
+        where the score is nearly zero (the rule alone would diverge there, most readily at
+        low temperature, whose smaller noise lets the walker settle on such points)."""
         score = self._score(score_fn, pos, t)
         z = self._noise(pos, generator)
         step = 2 * (self.corrector_snr * z.norm() / score.norm().clamp_min(1e-12)) ** 2
+        step = torch.clamp(step, max=self.schedule.sigma(t) ** 2)
         return wrap_fn(pos + step * score + self.noise_scale * (2 * step) ** 0.5 * z)
 
     def finish(self, pos, score_fn, wrap_fn, generator):

@@ -54,12 +54,29 @@ def resolve_cell_and_count(n_atoms: int | None = None, density_g_cm3: float | No
     return n_atoms, cubic_cell_for_density(n_atoms, float(density_g_cm3), element)
 
 
+def sampler_config(name: str, overrides=()):
+    """configs/sampler/<name>.yaml merged with dotlist `overrides` (e.g. "n_steps=50")."""
+    from omegaconf import OmegaConf
+
+    import xanesdiff
+
+    path = xanesdiff.PACKAGE_ROOT / "configs" / "sampler" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise XanesdiffInputError(f"no sampler config {name!r}; expected one of {known}", "sampler")
+    return OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+
+
+def sampler_from_config(name: str, schedule, overrides=()) -> Sampler:
+    """The sampler of configs/sampler/<name>.yaml with dotlist `overrides`, on `schedule`."""
+    import hydra
+
+    return hydra.utils.instantiate(sampler_config(name, overrides), schedule=schedule)
+
+
 def default_sampler(schedule) -> Sampler:
-    """The shipped default (same as configs/sampler/pc.yaml): EM predictor + 2 Langevin corrector
-    steps (snr 0.3) at each of 100 times from t=1 to 0.04, 5 final corrector steps, Tweedie
-    denoise."""
-    return PredictorCorrector(schedule, n_steps=100, n_corrector=2, corrector_snr=0.3,
-                              t_start=1.0, t_end=0.04, final_corrector_steps=5)
+    """The shipped default, configs/sampler/pc.yaml (the sampler `generate` and `sample` use)."""
+    return sampler_from_config("pc", schedule)
 
 
 def sample_structures(prior, n_atoms: int | None = None, density_g_cm3: float | None = None,

@@ -25,10 +25,9 @@ def make_sampler(name: str, schedule, overrides: list[str]):
     import hydra
     from omegaconf import OmegaConf
 
-    import xanesdiff
+    from xanesdiff.diffusion.sampling import sampler_config
 
-    cfg = OmegaConf.load(xanesdiff.PACKAGE_ROOT / "configs" / "sampler" / f"{name}.yaml")
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    cfg = sampler_config(name, overrides)
     return hydra.utils.instantiate(cfg, schedule=schedule), OmegaConf.to_container(cfg)
 
 
