@@ -280,3 +280,16 @@ def test_noise_scale_acts_as_a_temperature(sampler_cls):
         variances[scale] = float(out.var()) / s0 ** 2
     assert 0.85 < variances[1.0] < 1.2
     assert 0.18 < variances[0.5] < 0.4
+
+
+def test_langevin_step_stays_bounded_where_the_score_vanishes():
+    """score_sde's rule ε = 2 (snr |z| / |s|)² diverges as |s| → 0; capped at σ(t)², one corrector
+    step moves an atom by at most a few σ(t)."""
+    schedule = VESchedule(0.8)
+    sampler = PredictorCorrector(schedule, corrector_snr=0.3, noise_scale=0.5)
+    pos = torch.randn(500, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = 0.1
+    out = sampler.langevin_step(pos, lambda x, _: -1e-9 * x, lambda x: x, t,
+                                torch.Generator().manual_seed(1))
+    assert torch.isfinite(out).all()
+    assert float((out - pos).norm(dim=1).max()) < 5 * schedule.sigma(t)
