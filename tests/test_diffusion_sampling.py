@@ -293,3 +293,15 @@ def test_langevin_step_stays_bounded_where_the_score_vanishes():
                                 torch.Generator().manual_seed(1))
     assert torch.isfinite(out).all()
     assert float((out - pos).norm(dim=1).max()) < 5 * schedule.sigma(t)
+
+
+def test_default_sampler_is_the_pc_config_and_unknown_names_are_refused():
+    from xanesdiff.diffusion.sampling import default_sampler, sampler_from_config
+
+    schedule = VESchedule(0.8)
+    default = default_sampler(schedule)
+    tuned = sampler_from_config("pc", schedule, ["n_steps=7", "noise_scale=1.0"])
+    assert isinstance(default, PredictorCorrector) and default.noise_scale == 0.5
+    assert (tuned.n_steps, tuned.noise_scale, tuned.n_corrector) == (7, 1.0, default.n_corrector)
+    with pytest.raises(XanesdiffInputError, match="no sampler config 'nope'.*'pc'"):
+        sampler_from_config("nope", schedule)
