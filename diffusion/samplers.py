@@ -38,13 +38,15 @@ class Sampler:
     final Tweedie denoising step x ← x + σ(t_end)² s(x, t_end). `noise_scale` multiplies the noise
     of the reverse-SDE steps and of the Langevin corrector: a temperature T = noise_scale², below 1
     the sampler aims at ≈ p^(1/T), sharper and less diverse samples (a Gaussian's variance shrinks
-    by T)."""
+    by T). With `low_noise_t` set, steps at t ≤ low_noise_t (and the final correctors) use
+    `low_noise_scale` instead: a colder end for the local structure."""
 
     name = "base"
 
     def __init__(self, schedule, n_steps: int = 100, t_start: float = 1.0, t_end: float = 0.01,
                  final_corrector_steps: int = 0, corrector_snr: float = 0.1,
-                 final_denoise: bool = True, grid_power: float = 1.0, noise_scale: float = 1.0):
+                 final_denoise: bool = True, grid_power: float = 1.0, noise_scale: float = 1.0,
+                 low_noise_scale: float | None = None, low_noise_t: float | None = None):
         if not hasattr(schedule, "diffusion_coeff_sq") or not hasattr(schedule, "sigma"):
             raise IncompatibleSampler(f"{type(self).__name__} needs a schedule with sigma(t) and "
                                       f"diffusion_coeff_sq(t), got {type(schedule).__name__}")
@@ -57,9 +59,13 @@ class Sampler:
         self.corrector_snr = float(corrector_snr)
         self.final_denoise = bool(final_denoise)
         self.grid_power = float(grid_power)
-        if noise_scale < 0:
-            raise ValueError(f"noise_scale must be ≥ 0 (got {noise_scale})")
+        if noise_scale < 0 or (low_noise_scale is not None and low_noise_scale < 0):
+            raise ValueError(f"noise scales must be ≥ 0 (got {noise_scale}, {low_noise_scale})")
+        if (low_noise_scale is None) != (low_noise_t is None):
+            raise ValueError("give low_noise_scale and low_noise_t together (or neither)")
         self.noise_scale = float(noise_scale)
+        self.low_noise_scale = None if low_noise_scale is None else float(low_noise_scale)
+        self.low_noise_t = None if low_noise_t is None else float(low_noise_t)
         self.n_score_evals = 0
 
     def time_grid(self, t_start: float | None = None, t_end: float | None = None,
@@ -75,6 +81,12 @@ class Sampler:
         self.n_score_evals += 1
         return score_fn(pos, t)
 
+    def noise_scale_at(self, t: float) -> float:
+        """The noise scale (√temperature) of steps at time t."""
+        if self.low_noise_t is not None and t <= self.low_noise_t:
+            return self.low_noise_scale
+        return self.noise_scale
+
     def _noise(self, pos, generator):
         return torch.randn(pos.shape, generator=generator, dtype=pos.dtype, device=pos.device)
 
@@ -86,11 +98,11 @@ class Sampler:
         score = self._score(score_fn, pos, t)
         pos = pos - self.schedule.drift(pos, t) * dt + g2 * dt * score
         if add_noise:
-            pos = pos + self.noise_scale * (g2 * dt) ** 0.5 * self._noise(pos, generator)
+            pos = pos + self.noise_scale_at(t) * (g2 * dt) ** 0.5 * self._noise(pos, generator)
         return wrap_fn(pos)
 
     def langevin_step(self, pos, score_fn, wrap_fn, t, generator):
-        """Langevin corrector x ← x + ε s + √(2ε) · noise_scale · z with the signal-to-noise
+        """Langevin corrector x ← x + ε s + √(2ε) · noise scale · z with the signal-to-noise
         step rule of score_sde, ε = 2 (snr |z| / |s|)², capped at σ(t)² (Å²): the drift then
         never goes past the Tweedie denoised estimate x + σ² s, which keeps the step bounded
         where the score is nearly zero (the rule alone would diverge there, most readily at
@@ -99,7 +111,7 @@ class Sampler:
         z = self._noise(pos, generator)
         step = 2 * (self.corrector_snr * z.norm() / score.norm().clamp_min(1e-12)) ** 2
         step = torch.clamp(step, max=self.schedule.sigma(t) ** 2)
-        return wrap_fn(pos + step * score + self.noise_scale * (2 * step) ** 0.5 * z)
+        return wrap_fn(pos + step * score + self.noise_scale_at(t) * (2 * step) ** 0.5 * z)
 
     def finish(self, pos, score_fn, wrap_fn, generator):
         for k in range(self.final_corrector_steps):
@@ -205,8 +217,10 @@ class RestartSampler(Sampler):
     def __init__(self, schedule, base: Sampler | None = None, n_restarts: int = 2,
                  t_restart: float = 0.3, n_restart_steps: int = 30, **kwargs):
         super().__init__(schedule, **kwargs)
-        self.base = base or EulerMaruyama(schedule, n_steps=self.n_steps, t_start=self.t_start,
-                                          t_end=self.t_end, final_denoise=False)
+        self.base = base or EulerMaruyama(
+            schedule, n_steps=self.n_steps, t_start=self.t_start, t_end=self.t_end,
+            final_denoise=False, noise_scale=self.noise_scale,
+            low_noise_scale=self.low_noise_scale, low_noise_t=self.low_noise_t)
         if abs(self.base.t_end - self.t_end) > 1e-12:
             raise ValueError("base sampler and restart sampler must end at the same t_end")
         if not (self.t_end < t_restart <= self.t_start):

@@ -305,3 +305,22 @@ def test_default_sampler_is_the_pc_config_and_unknown_names_are_refused():
     assert (tuned.n_steps, tuned.noise_scale, tuned.n_corrector) == (7, 1.0, default.n_corrector)
     with pytest.raises(XanesdiffInputError, match="no sampler config 'nope'.*'pc'"):
         sampler_from_config("nope", schedule)
+
+
+def test_low_noise_scale_takes_over_below_its_time():
+    """`low_noise_scale` applies at t ≤ low_noise_t (and to the final correctors): a Gaussian
+    sampled hot above t = 0.3 and cold below ends with the cold variance; both or neither."""
+    schedule, s0 = VESchedule(0.8), 0.3
+    sampler = PredictorCorrector(schedule, n_steps=60, t_end=0.04, final_corrector_steps=3,
+                                 corrector_snr=0.3, noise_scale=1.0, low_noise_scale=0.5,
+                                 low_noise_t=0.3)
+    assert sampler.noise_scale_at(0.31) == 1.0 and sampler.noise_scale_at(0.3) == 0.5
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(5000, 3, generator=g, dtype=torch.float64) * schedule.sigma(1.0)
+    out = sampler.sample(start, lambda x, t: -x / (s0 ** 2 + schedule.sigma(t) ** 2),
+                         lambda x: x, g)
+    assert 0.18 < float(out.var()) / s0 ** 2 < 0.4
+    with pytest.raises(ValueError, match="together"):
+        PredictorCorrector(schedule, low_noise_scale=0.3)
+    with pytest.raises(ValueError, match="≥ 0"):
+        PredictorCorrector(schedule, noise_scale=-0.1)
