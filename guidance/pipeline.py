@@ -80,21 +80,24 @@ class GuidedGenerator:
         generator = torch.Generator().manual_seed(int(seed))
         start_pos = torch.as_tensor(start.positions, dtype=dtype)
         noise = torch.randn(start_pos.shape, generator=generator, dtype=dtype)
-        moves = torch.ones(len(start), 1, dtype=torch.bool)
+        def wrap(x):
+            return wrap_positions(x, cell_t)
+
+        hold_fixed, n_mobile = wrap, len(start)
         if mobile is not None:
             moves = torch.as_tensor(np.asarray(mobile, dtype=bool)).reshape(-1, 1)
             if moves.shape[0] != len(start) or not bool(moves.any()):
                 raise XanesdiffInputError(f"mobile atoms: expected a mask of {len(start)} atoms "
                                           f"selecting at least one", "start_region")
-        pinned = wrap_positions(start_pos, cell_t)
+            pinned, n_mobile = wrap(start_pos), int(moves.sum())
 
-        def hold_fixed(x):  # the samplers' wrap: fixed atoms back to their start positions
-            return wrap_positions(torch.where(moves, x, pinned), cell_t)
+            def hold_fixed(x):  # the samplers' wrap: fixed atoms back to their start positions
+                return wrap(torch.where(moves, x, pinned))
 
         pos = hold_fixed(start_pos + float(noise_A) * noise)
         atoms, log = self._sample(pos, cell, generator, guided, t_start=t_start, wrap_fn=hold_fixed)
         return atoms, {"seed": int(seed), "density_g_cm3": cell_density_g_cm3(start),
-                       "start_noise_A": float(noise_A), "mobile_atoms": int(moves.sum()), **log}
+                       "start_noise_A": float(noise_A), "mobile_atoms": n_mobile, **log}
 
     def start_time(self, noise_A: float) -> float:
         """The diffusion time whose noise is `noise_A` (Å), checked against the sampler's range."""
