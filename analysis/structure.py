@@ -21,7 +21,8 @@ BOND_CUTOFF_C_A = 1.85
 
 __all__ = [
     "BOND_CUTOFF_C_A", "coordination_numbers", "hybridization_fractions", "rdf", "first_peak",
-    "bond_angles", "bond_angle_distribution", "minimum_distance", "density_g_cm3",
+    "RDF_PEAK_SMOOTHING_A", "bond_angles", "bond_angle_distribution", "minimum_distance",
+    "density_g_cm3",
     "compare_sets", "structure_report", "displacements",
 ]
 
@@ -73,9 +74,22 @@ def rdf(atoms, r_max_A: float = 6.0, bin_width_A: float = 0.02) -> tuple[np.ndar
     return centres, g / max(len(frames), 1)
 
 
-def first_peak(r: np.ndarray, g: np.ndarray, r_range_A: tuple[float, float] = (1.0, 2.0)) -> float:
-    """Position (Å) of the highest g(r) value in `r_range_A`, refined by a parabola through the
-    maximum bin and its neighbours."""
+RDF_PEAK_SMOOTHING_A = 0.03
+"""Gaussian width (Å) applied to g(r) before locating its first peak. With 0.02 Å bins the raw
+argmax of one 216-atom snapshot of the 2.5 g/cm³ network ranges over 1.40–1.53 Å (its first
+shell is a flat-topped sp2/sp3 doublet); smoothed by 0.03 Å the snapshots agree within 0.03 Å,
+and the pooled peak moves by < 0.005 Å (benchmarks/prior.md)."""
+
+
+def first_peak(r: np.ndarray, g: np.ndarray, r_range_A: tuple[float, float] = (1.0, 2.0),
+               smoothing_A: float = RDF_PEAK_SMOOTHING_A) -> float:
+    """Position (Å) of the highest value of g(r) in `r_range_A` after Gaussian smoothing by
+    `smoothing_A` (0: none), refined by a parabola through the maximum bin and its neighbours."""
+    if smoothing_A > 0:
+        from scipy.ndimage import gaussian_filter1d
+
+        g = gaussian_filter1d(np.asarray(g, dtype=float), smoothing_A / (r[1] - r[0]),
+                              mode="constant")
     mask = (r >= r_range_A[0]) & (r <= r_range_A[1])
     idx = np.flatnonzero(mask)
     k = idx[np.argmax(g[idx])]
@@ -145,7 +159,8 @@ def compare_sets(samples, reference, cutoff_A: float = BOND_CUTOFF_C_A, r_max_A:
 
     - sp/sp2/sp3/cn1/cn5plus differences (sample − reference, fractions of atoms) and `*_err`
       absolute values;
-    - rdf_peak_err (Å, |Δ first peak|), rdf_l1 (∫|Δg| dr / r_max, per Å), rdf_w1 (Wasserstein-1
+    - rdf_peak_err (Å, |Δ first peak| of g smoothed by RDF_PEAK_SMOOTHING_A; the _unsmoothed
+      variant locates it on the raw bins), rdf_l1 (∫|Δg| dr / r_max, per Å), rdf_w1 (Wasserstein-1
       between pair-distance distributions up to r_max, Å);
     - angle_w1 (Wasserstein-1 between bond-angle distributions, degrees), angle_l1 (L1 between
       normalised angle histograms, 0..2);
@@ -160,6 +175,8 @@ def compare_sets(samples, reference, cutoff_A: float = BOND_CUTOFF_C_A, r_max_A:
     r, gs = rdf(samples, r_max_A)
     _, gr = rdf(reference, r_max_A)
     out["rdf_peak_err"] = abs(first_peak(r, gs) - first_peak(r, gr))
+    out["rdf_peak_err_unsmoothed"] = abs(first_peak(r, gs, smoothing_A=0)
+                                         - first_peak(r, gr, smoothing_A=0))
     out["rdf_l1"] = float(np.abs(gs - gr).sum() * (r[1] - r[0]) / r_max_A)
 
     def pair_distances(frames):

@@ -32,13 +32,20 @@ def make_sampler(name: str, schedule, overrides: list[str]):
 
 
 def evaluate(prior, sampler, density: float, reference: list, n_samples: int, n_atoms: int,
-             seed: int) -> dict:
+             seed: int, save_to: Path | None = None) -> dict:
     from xanesdiff.analysis.structure import compare_sets, hybridization_fractions, minimum_distance
 
     start = time.perf_counter()
     frames = prior.sample(n_atoms=n_atoms, density_g_cm3=density, n_samples=n_samples, seed=seed,
                           sampler=sampler)
     wall = time.perf_counter() - start
+    if save_to is not None:  # temporary file, then rename: never a half-written set
+        import ase.io
+
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        tmp = save_to.with_suffix(".tmp.extxyz")
+        ase.io.write(tmp, frames, format="extxyz")
+        tmp.replace(save_to)
     h = hybridization_fractions(frames)
     href = hybridization_fractions(reference)
     cmp = compare_sets(frames, reference)
@@ -46,6 +53,7 @@ def evaluate(prior, sampler, density: float, reference: list, n_samples: int, n_
     return {
         "cn1": h["cn1"], "cn5plus": h["cn5plus"], "sp3_err": cmp["sp3_err"],
         "sp2_err": cmp["sp2_err"], "sp_err": cmp["sp_err"], "rdf_peak_err": cmp["rdf_peak_err"],
+        "rdf_peak_err_unsmoothed": cmp["rdf_peak_err_unsmoothed"],
         "dmin": float(min(dmins)), "dmin_mean": float(sum(dmins) / len(dmins)),
         "sample": {k: h[k] for k in ("cn0", "cn1", "sp", "sp2", "sp3", "cn5plus", "mean_cn")},
         "reference": {k: href[k] for k in ("sp", "sp2", "sp3")},
@@ -68,7 +76,8 @@ def markdown(result: dict) -> str:
              f"`{result.get('leave_out_checkpoint')}`  ",
              f"Sampler: `{json.dumps(result['sampler'])}`", "",
              "Targets: CN1 ≤ 0.01, CN5+ ≤ 0.01, |Δsp3| ≤ 0.05, |Δsp2| ≤ 0.05, |Δ RDF peak| ≤ 0.03 Å, "
-             "dmin ≥ 1.1 Å; leave-out |Δsp3| ≤ 0.08. Fractions of atoms (cutoff 1.85 Å).", "",
+             "dmin ≥ 1.1 Å; leave-out |Δsp3| ≤ 0.08. Fractions of atoms (cutoff 1.85 Å). RDF peak: "
+             "g(r) smoothed by 0.03 Å (`rdf_peak_err_unsmoothed` in the JSON: raw 0.02 Å bins).", "",
              "| density g/cm³ | CN1 | CN5+ | sp3 (ref) | sp2 (ref) | sp (ref) | |Δsp3| | |Δsp2| | "
              "ΔRDF peak Å | dmin Å | angle W1 ° | pass |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -116,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="benchmarks/prior.json")
     p.add_argument("--no-leave-out", action="store_true")
+    p.add_argument("--save-samples", default=None, metavar="DIR",
+                   help="also write the sampled structures, DIR/rho<density>.extxyz")
     p.add_argument("--merge", nargs="*", default=None,
                    help="combine partial result JSONs (e.g. from parallel runs over densities) "
                         "into --out and its .md instead of sampling")
@@ -160,7 +171,9 @@ def main(argv=None) -> int:
     for network in networks:
         rho = dataset.network_density(network)
         reference = [f.atoms for f in dataset.frames_of([network])]
-        row = evaluate(prior, sampler, rho, reference, args.n_samples, args.n_atoms, args.seed)
+        save_to = Path(args.save_samples) / f"rho{rho:.2f}.extxyz" if args.save_samples else None
+        row = evaluate(prior, sampler, rho, reference, args.n_samples, args.n_atoms, args.seed,
+                       save_to)
         row["pass"] = passes(row)
         result["per_density"][f"{rho:.2f}"] = row
         print(f"{rho:.2f}: " + json.dumps({k: round(v, 3) for k, v in row.items()
@@ -174,7 +187,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"{args.leave_out_checkpoint} was trained with {network}")
         rho = dataset.network_density(network)
         reference = [f.atoms for f in dataset.frames_of([network])]
-        row = evaluate(held, sampler_lo, rho, reference, args.n_samples, args.n_atoms, args.seed)
+        save_to = (Path(args.save_samples) / f"leave_out_rho{rho:.2f}.extxyz"
+                   if args.save_samples else None)
+        row = evaluate(held, sampler_lo, rho, reference, args.n_samples, args.n_atoms, args.seed,
+                       save_to)
         row["checkpoint_step"] = held.metadata.get("global_step")
         result["leave_out"][f"{args.leave_out_density}"] = row
         result["leave_out_checkpoint"] = str(args.leave_out_checkpoint)
