@@ -77,8 +77,8 @@ def rdf(atoms, r_max_A: float = 6.0, bin_width_A: float = 0.02) -> tuple[np.ndar
 RDF_PEAK_SMOOTHING_A = 0.03
 """Gaussian width (Å) applied to g(r) before locating its first peak. With 0.02 Å bins the raw
 argmax of one 216-atom snapshot of the 2.5 g/cm³ network ranges over 1.40–1.53 Å (its first
-shell is a flat-topped sp2/sp3 doublet); smoothed by 0.03 Å the snapshots agree within 0.03 Å,
-and the pooled peak moves by < 0.005 Å (benchmarks/prior.md)."""
+shell is a flat-topped sp2/sp3 doublet); smoothed by 0.03 Å the snapshots agree within 0.03 Å.
+The pooled reference peaks move by 0.00–0.02 Å (README, Diffusion prior)."""
 
 
 def first_peak(r: np.ndarray, g: np.ndarray, r_range_A: tuple[float, float] = (1.0, 2.0),
