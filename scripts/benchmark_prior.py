@@ -70,6 +70,8 @@ def passes(row: dict) -> dict:
 
 
 def markdown(result: dict) -> str:
+    from xanesdiff.analysis.structure import RDF_PEAK_SMOOTHING_A
+
     lines = ["# Diffusion prior benchmark (issue 4)", "",
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ",
              f"Checkpoints: `{result['checkpoint']}` (step {result['checkpoint_step']}), leave-out "
@@ -77,7 +79,7 @@ def markdown(result: dict) -> str:
              f"Sampler: `{json.dumps(result['sampler'])}`", "",
              "Targets: CN1 ≤ 0.01, CN5+ ≤ 0.01, |Δsp3| ≤ 0.05, |Δsp2| ≤ 0.05, |Δ RDF peak| ≤ 0.03 Å, "
              "dmin ≥ 1.1 Å; leave-out |Δsp3| ≤ 0.08. Fractions of atoms (cutoff 1.85 Å). RDF peak: "
-             "g(r) smoothed by 0.03 Å (`rdf_peak_err_unsmoothed` in the JSON: raw 0.02 Å bins).", "",
+             f"g(r) smoothed by {RDF_PEAK_SMOOTHING_A} Å (`rdf_peak_err_unsmoothed` in the JSON: raw 0.02 Å bins).", "",
              "| density g/cm³ | CN1 | CN5+ | sp3 (ref) | sp2 (ref) | sp (ref) | |Δsp3| | |Δsp2| | "
              "ΔRDF peak Å | dmin Å | angle W1 ° | pass |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
