@@ -80,6 +80,7 @@ class GuidedGenerator:
         generator = torch.Generator().manual_seed(int(seed))
         start_pos = torch.as_tensor(start.positions, dtype=dtype)
         noise = torch.randn(start_pos.shape, generator=generator, dtype=dtype)
+
         def wrap(x):
             return wrap_positions(x, cell_t)
 

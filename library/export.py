@@ -22,6 +22,7 @@ import numpy as np
 
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.datasets.spectra_io import atomic_write_text, write_spectra_csv
+from xanesdiff.guidance.report import write_extxyz
 from xanesdiff.library.store import LibraryStore
 
 FORMATS = ("extxyz", "poscar", "site_spectra")
@@ -68,9 +69,7 @@ def export_library(url: str, out: str | Path, formats=FORMATS, status: str = "ac
     frames = [_row_atoms(r, positions) for r in rows]
     counts = {"rows": len(rows)}
     if "extxyz" in formats:
-        tmp = out / ".structures.extxyz.tmp"
-        ase.io.write(tmp, frames, format="extxyz")
-        tmp.replace(out / "structures.extxyz")
+        write_extxyz(out / "structures.extxyz", frames)
         counts["extxyz"] = len(frames)
     if "poscar" in formats:
         folder = out / "poscar"

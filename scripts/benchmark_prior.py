@@ -39,13 +39,11 @@ def evaluate(prior, sampler, density: float, reference: list, n_samples: int, n_
     frames = prior.sample(n_atoms=n_atoms, density_g_cm3=density, n_samples=n_samples, seed=seed,
                           sampler=sampler)
     wall = time.perf_counter() - start
-    if save_to is not None:  # temporary file, then rename: never a half-written set
-        import ase.io
+    if save_to is not None:
+        from xanesdiff.guidance.report import write_extxyz
 
         save_to.parent.mkdir(parents=True, exist_ok=True)
-        tmp = save_to.with_suffix(".tmp.extxyz")
-        ase.io.write(tmp, frames, format="extxyz")
-        tmp.replace(save_to)
+        write_extxyz(save_to, frames)
     h = hybridization_fractions(frames)
     href = hybridization_fractions(reference)
     cmp = compare_sets(frames, reference)

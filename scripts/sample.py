@@ -27,7 +27,6 @@ def nearest_reference(density_g_cm3: float):
 
 
 def run(cfg: DictConfig) -> dict:
-    import ase.io
     import hydra
     import torch
 
@@ -37,6 +36,7 @@ def run(cfg: DictConfig) -> dict:
     from xanesdiff.datasets.structures import density_g_cm3
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.datasets.spectra_io import atomic_write_text
+    from xanesdiff.guidance.report import write_extxyz
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -65,9 +65,7 @@ def run(cfg: DictConfig) -> dict:
     for atoms, stats in zip(frames, report["per_structure"]):
         atoms.info.update({k: v for k, v in stats.items() if k != "index"})
         atoms.info["seed"] = int(cfg.seed)
-    tmp = out / "samples.tmp.extxyz"
-    ase.io.write(tmp, frames, format="extxyz")
-    tmp.replace(out / "samples.extxyz")
+    write_extxyz(out / "samples.extxyz", frames)
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     plot_structure_report(report, out / "report.png",
                           title=f"{len(frames)} samples at {density_g_cm3(frames[0]):.2f} g/cm³"
