@@ -98,6 +98,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _as_recorded(path: str) -> str:
+    """`path` relative to the project root when it lies inside it, so the JSON reads the same on
+    every machine (the default leave-out checkpoint is given as an absolute path)."""
+    import xanesdiff
+
+    path, root = Path(path).resolve(), Path(xanesdiff.PACKAGE_ROOT).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def main(argv=None) -> int:
     from xanesdiff.runtime import configure_process
 
@@ -193,7 +202,7 @@ def main(argv=None) -> int:
                        save_to)
         row["checkpoint_step"] = held.metadata.get("global_step")
         result["leave_out"][f"{args.leave_out_density}"] = row
-        result["leave_out_checkpoint"] = str(args.leave_out_checkpoint)
+        result["leave_out_checkpoint"] = _as_recorded(args.leave_out_checkpoint)
         print(f"leave-out {rho:.2f}: sp3_err {row['sp3_err']:.3f}", flush=True)
     out = Path(args.out)
     atomic_write_text(out, json.dumps(result, indent=1))

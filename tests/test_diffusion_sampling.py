@@ -324,3 +324,15 @@ def test_low_noise_scale_takes_over_below_its_time():
         PredictorCorrector(schedule, low_noise_scale=0.3)
     with pytest.raises(ValueError, match="≥ 0"):
         PredictorCorrector(schedule, noise_scale=-0.1)
+
+
+def test_benchmark_records_checkpoints_inside_the_project_relative_to_it(tmp_path):
+    """The prior benchmark's JSON names project checkpoints as `checkpoints/…` (the same on every
+    machine) and keeps paths outside the project absolute."""
+    import xanesdiff
+    from xanesdiff.scripts.benchmark_prior import _as_recorded
+
+    inside = Path(xanesdiff.PACKAGE_ROOT) / "checkpoints" / "prior_without_2.5.pt"
+    assert _as_recorded(str(inside)) == str(Path("checkpoints") / "prior_without_2.5.pt")
+    outside = tmp_path / "prior.pt"
+    assert _as_recorded(str(outside)) == str(outside.resolve())
