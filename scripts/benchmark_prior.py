@@ -98,9 +98,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _as_recorded(path: str) -> str:
+def _as_recorded(path: str | Path) -> str:
     """`path` relative to the project root when it lies inside it, so the JSON reads the same on
-    every machine (the default leave-out checkpoint is given as an absolute path)."""
+    every machine (the shipped checkpoints resolve to absolute paths)."""
     import xanesdiff
 
     path, root = Path(path).resolve(), Path(xanesdiff.PACKAGE_ROOT).resolve()
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
                   sys.argv[1:] if argv is None else argv),
               "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPU cores, "
                          f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-              "checkpoint": str(args.checkpoint or prior_checkpoint_path().name),
+              "checkpoint": _as_recorded(args.checkpoint or prior_checkpoint_path()),
               "checkpoint_step": prior.metadata.get("global_step"),
               "sampler": sampler_cfg, "targets": TARGETS}
     for network in networks:
