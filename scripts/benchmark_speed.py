@@ -140,7 +140,8 @@ def xanesdiff_guided_sample(target: np.ndarray, seed: int = 0, overrides=()
     from xanesdiff.guidance.request import compose_generate_config, make_generator
 
     cfg = compose_generate_config(overrides)
-    prior, surrogate = load_prior(), load_surrogate(cfg.models.surrogate)
+    prior = load_prior(cfg.models.prior, hard_core_A=cfg.models.hard_core_A)
+    surrogate = load_surrogate(cfg.models.surrogate)
     terms = [instantiate(spec, _convert_="all").bind(surrogate, target)
              for spec in cfg.guidance.values()]
     generator = make_generator(cfg, prior, surrogate, terms, N_ATOMS)

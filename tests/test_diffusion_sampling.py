@@ -336,3 +336,22 @@ def test_benchmark_records_checkpoints_inside_the_project_relative_to_it(tmp_pat
     assert _as_recorded(str(inside)) == str(Path("checkpoints") / "prior_without_2.5.pt")
     outside = tmp_path / "prior.pt"
     assert _as_recorded(str(outside)) == str(outside.resolve())
+
+
+def test_speed_benchmark_runs_the_prior_and_sampler_its_overrides_name(monkeypatch):
+    """A `VARIANTS` entry that names another prior must time that prior (it once timed the
+    default whatever the overrides said)."""
+    import xanesdiff.diffusion.prior as prior_module
+    from xanesdiff.scripts.benchmark_speed import N_ATOMS, xanesdiff_guided_sample
+
+    loaded = []
+    real_load = prior_module.load_prior
+    monkeypatch.setattr(prior_module, "load_prior",
+                        lambda name=None, **kw: loaded.append((name, kw)) or real_load(name, **kw))
+    target = np.full(100, 0.22)
+    overrides = ["models.prior=fast", "models.surrogate=fast", "models.hard_core_A=1.0",
+                 "sampler.n_steps=2", "sampler.final_corrector_steps=0"]
+    seconds, atoms, log = xanesdiff_guided_sample(target, overrides=overrides)
+    assert loaded == [("fast", {"hard_core_A": 1.0})]
+    assert len(atoms) == N_ATOMS and seconds > 0
+    assert log["n_score_evals"] == 2 * 3 + 1  # 2 PC steps of 1 + 2 calls, the final denoise
