@@ -55,7 +55,9 @@ def resolve_cell_and_count(n_atoms: int | None = None, density_g_cm3: float | No
 
 
 def sampler_config(name: str, overrides=()):
-    """configs/sampler/<name>.yaml merged with dotlist `overrides` (e.g. "n_steps=50")."""
+    """configs/sampler/<name>.yaml merged with dotlist `overrides` (e.g. "n_steps=50"). A sampler
+    config may extend others of the group as hydra reads it (`defaults: [pc, _self_]`: pc's
+    fields, then its own on top)."""
     from omegaconf import OmegaConf
 
     import xanesdiff
@@ -64,7 +66,9 @@ def sampler_config(name: str, overrides=()):
     if not path.exists():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise XanesdiffInputError(f"no sampler config {name!r}; expected one of {known}", "sampler")
-    return OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+    own = OmegaConf.load(path)
+    bases = [sampler_config(base) for base in own.pop("defaults", []) if base != "_self_"]
+    return OmegaConf.merge(*bases, own, OmegaConf.from_dotlist(list(overrides)))
 
 
 def sampler_from_config(name: str, schedule, overrides=()) -> Sampler:

@@ -307,6 +307,23 @@ def test_default_sampler_is_the_pc_config_and_unknown_names_are_refused():
         sampler_from_config("nope", schedule)
 
 
+def test_sampler_config_extending_another_reads_as_hydra_composes_it():
+    """`pc_quick` extends `pc` through hydra's defaults list; `sampler_config` (benchmarks,
+    `default_sampler`) must read it as `generate`'s composed config does, overrides on top."""
+    from omegaconf import OmegaConf
+
+    from xanesdiff.diffusion.sampling import sampler_config
+    from xanesdiff.guidance.request import compose_generate_config
+
+    composed = compose_generate_config(["sampler=pc_quick", "sampler.noise_scale=0.4"]).sampler
+    read = sampler_config("pc_quick", ["noise_scale=0.4"])
+    assert OmegaConf.to_container(read) == OmegaConf.to_container(composed)
+    base = sampler_config("pc")
+    assert "defaults" not in read and read.n_steps < base.n_steps
+    assert {k: v for k, v in read.items() if k not in ("n_steps", "noise_scale")} == \
+        {k: v for k, v in base.items() if k not in ("n_steps", "noise_scale")}
+
+
 def test_low_noise_scale_takes_over_below_its_time():
     """`low_noise_scale` applies at t ≤ low_noise_t (and to the final correctors): a Gaussian
     sampled hot above t = 0.3 and cold below ends with the cold variance; both or neither."""
