@@ -152,6 +152,14 @@ def compose_generate_config(overrides: list[str] | None = None) -> DictConfig:
         return compose("generate", overrides=list(overrides or []))
 
 
+def load_configured_prior(cfg: DictConfig):
+    """The prior a generate config names: `models.prior` (a checkpoint or shipped name) with the
+    hard core of `models.hard_core_A` (Å). One place, so every caller runs the prior asked for."""
+    from xanesdiff.diffusion.prior import load_prior
+
+    return load_prior(cfg.models.prior, hard_core_A=cfg.models.hard_core_A)
+
+
 def make_generator(cfg: DictConfig, prior, surrogate, terms: list, n_atoms: int | None = None):
     """A `GuidedGenerator` with the sampler and guided-score settings of a generate config."""
     from hydra.utils import instantiate

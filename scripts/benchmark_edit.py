@@ -29,12 +29,11 @@ import torch
 from xanesdiff.analysis.structure import displacements, hybridization_fractions
 from xanesdiff.datasets.dataset import load_dataset
 from xanesdiff.datasets.structures import minimum_distance
-from xanesdiff.diffusion.prior import load_prior
 from xanesdiff.forward.surrogate import load_surrogate
 from xanesdiff.guidance.features import SpectralFeature
 from xanesdiff.guidance.report import write_json
 from xanesdiff.guidance.request import (build_terms, compose_generate_config, edit_structure,
-                                        make_generator, region_mask)
+                                        load_configured_prior, make_generator, region_mask)
 from xanesdiff.guidance.validation import predict_members
 
 
@@ -90,7 +89,7 @@ def main(argv=None) -> None:
     cfg = compose_generate_config(["steer=pi_star_up", *args.set])
     surrogate, judge = load_surrogate(cfg.models.surrogate), load_surrogate("judge")
     terms = [t.bind(surrogate) for t in build_terms(cfg)]
-    prior = load_prior(cfg.models.prior, hard_core_A=cfg.models.hard_core_A)
+    prior = load_configured_prior(cfg)
     generator = make_generator(cfg, prior, surrogate, terms)
     window = next(t.window_eV for t in terms if hasattr(t, "window_eV"))
     measure = SpectralFeature("intensity", window, value=0.0, surrogate=judge)

@@ -137,12 +137,12 @@ def xanesdiff_guided_sample(target: np.ndarray, seed: int = 0, overrides=()
     """Wall time (s), structure and log of one guided sample with the shipped defaults."""
     from hydra.utils import instantiate
 
-    from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.forward.surrogate import load_surrogate
-    from xanesdiff.guidance.request import compose_generate_config, make_generator
+    from xanesdiff.guidance.request import (compose_generate_config, load_configured_prior,
+                                            make_generator)
 
     cfg = compose_generate_config(overrides)
-    prior = load_prior(cfg.models.prior, hard_core_A=cfg.models.hard_core_A)
+    prior = load_configured_prior(cfg)
     surrogate = load_surrogate(cfg.models.surrogate)
     terms = [instantiate(spec, _convert_="all").bind(surrogate, target)
              for spec in cfg.guidance.values()]

@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.guidance.request import (build_terms, check_density, edit_structure,
-                                        load_start_structures, make_generator, region_mask,
-                                        set_relative_references)
+                                        load_configured_prior, load_start_structures,
+                                        make_generator, region_mask, set_relative_references)
 from xanesdiff.scripts._hydra import hydra_app, set_threads
 
 log = logging.getLogger("xanesdiff.generate")
@@ -63,7 +63,6 @@ def run(cfg: DictConfig) -> dict:
 
     from xanesdiff.analysis.plots import plot_structure_report
     from xanesdiff.analysis.structure import density_g_cm3, structure_report
-    from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.forward.surrogate import load_surrogate
     from xanesdiff.guidance.report import (plot_density_scan, plot_spectra, write_extxyz,
                                            write_json)
@@ -84,7 +83,7 @@ def run(cfg: DictConfig) -> dict:
     _advise_fast_guide(int(cfg.n_atoms), surrogate)
     validator = _load_validator(cfg.models.validator, cfg.models.surrogate, surrogate)
     judge = _load_judge(cfg.models.judge, load_surrogate)
-    prior = load_prior(cfg.models.prior, hard_core_A=cfg.models.hard_core_A)
+    prior = load_configured_prior(cfg)
     target = None
     if cfg.target is not None:
         target = load_target(cfg.target, validator, **OmegaConf.to_container(cfg.target_prep))
