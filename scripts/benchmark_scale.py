@@ -100,28 +100,28 @@ def large_cell(n_atoms: int, n_small: int, n_steps: int, prior_name: str = "defa
 
 
 def large_guided(n_atoms: int, n_small: int, guide: str = "default",
-                 prior_name: str = "default") -> dict:
-    """One guided `n_atoms` cell with the shipped `generate` settings (density given) and the
-    `guide` surrogate, target the mean spectrum of a 2.49 g/cm³ frame; compared with `n_small`
-    guided 216-atom cells. Spectra are judged as `generate` does: by the default surrogate
-    (validator) and the independent judge."""
+                 prior_name: str = "default", overrides: list[str] = ()) -> dict:
+    """One guided `n_atoms` cell with the shipped `generate` settings (density given, plus
+    `overrides` such as `sampler=pc_quick`) and the `guide` surrogate, target the mean spectrum
+    of a 2.49 g/cm³ frame; compared with `n_small` guided 216-atom cells. Spectra are judged as
+    `generate` does: by the default surrogate (validator) and the independent judge."""
     from omegaconf import OmegaConf
 
     from xanesdiff.analysis.structure import hybridization_fractions
     from xanesdiff.datasets.dataset import load_dataset
-    from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.forward.surrogate import load_surrogate
-    from xanesdiff.guidance.request import build_terms, compose_generate_config, make_generator
+    from xanesdiff.guidance.request import (build_terms, compose_generate_config,
+                                            load_configured_prior, make_generator)
     from xanesdiff.guidance.validation import predict_members, spectral_match
     from xanesdiff.runtime import memory_kept
 
     frame = next(f for f in load_dataset().frames if f.network == "rho2.49")
     target = frame.mean_spectrum.astype(np.float64)
-    prior, surrogate = load_prior(prior_name), load_surrogate(guide)
-    validator, judge = load_surrogate("default"), load_surrogate("judge")
     cfg = OmegaConf.merge(compose_generate_config([f"models.surrogate={guide}",
-                                                   f"models.prior={prior_name}"]),
+                                                   f"models.prior={prior_name}", *overrides]),
                           {"target": frame.name})
+    prior, surrogate = load_configured_prior(cfg), load_surrogate(cfg.models.surrogate)
+    validator, judge = load_surrogate("default"), load_surrogate("judge")
     terms = [term.bind(surrogate, target) for term in build_terms(cfg)]
     results = {}
     for n, seeds in ((n_atoms, [0]), (216, range(1, n_small + 1))):
@@ -143,6 +143,7 @@ def large_guided(n_atoms: int, n_small: int, guide: str = "default",
             "guided_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "guided_large_blocks_mapped": not memory_kept(),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+            "guided_overrides": list(overrides),
             "guided_sampler": f"generate defaults ({cfg.sampler._target_.rsplit('.', 1)[1]}, "
                               f"{cfg.sampler.n_steps} steps, refresh_every "
                               f"{cfg.guided_score.refresh_every}), density given"}
@@ -244,6 +245,8 @@ def main(argv=None) -> None:
                         help="guide of the --large-guided sample: default | fast | a checkpoint")
     parser.add_argument("--prior", default="default",
                         help="prior of every measurement: default | fast | a checkpoint")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="generate overrides of the --large-guided sample, e.g. sampler=pc_quick")
     parser.add_argument("--small-samples", type=int, default=4,
                         help="216-atom cells the large cells are compared with")
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
@@ -257,7 +260,8 @@ def main(argv=None) -> None:
         return
     if args.guided_cell:
         print(json.dumps(large_guided(args.guided_cell, n_small=args.small_samples,
-                                      guide=args.surrogate, prior_name=args.prior)))
+                                      guide=args.surrogate, prior_name=args.prior,
+                                      overrides=args.set)))
         return
     command = "python -m xanesdiff.scripts.benchmark_scale " + " ".join(
         sys.argv[1:] if argv is None else argv)
@@ -280,7 +284,8 @@ def main(argv=None) -> None:
     if args.large and args.large_guided:
         cmd = [sys.executable, "-m", "xanesdiff.scripts.benchmark_scale", "--guided-cell",
                str(args.large), "--threads", str(args.threads), "--surrogate", args.surrogate,
-               "--prior", args.prior, "--small-samples", str(args.small_samples)]
+               "--prior", args.prior, "--small-samples", str(args.small_samples),
+               "--set", *args.set]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         result.setdefault("large_cell", {}).update(json.loads(out.strip().splitlines()[-1]))
         result["large_cell"].pop("note", None)

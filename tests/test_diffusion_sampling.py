@@ -372,3 +372,21 @@ def test_speed_benchmark_runs_the_prior_and_sampler_its_overrides_name(monkeypat
     assert loaded == [("fast", {"hard_core_A": 1.0})]
     assert len(atoms) == N_ATOMS and seconds > 0
     assert log["n_score_evals"] == 2 * 3 + 1  # 2 PC steps of 1 + 2 calls, the final denoise
+
+
+def test_scale_benchmark_guided_cell_runs_the_generate_overrides_it_is_given(monkeypatch):
+    """`benchmark_scale --set …` reaches the large guided sample: its sampler, prior and hard
+    core are the ones the overrides name, and the result records them."""
+    import xanesdiff.diffusion.prior as prior_module
+    from xanesdiff.scripts.benchmark_scale import large_guided
+
+    loaded = []
+    real_load = prior_module.load_prior
+    monkeypatch.setattr(prior_module, "load_prior",
+                        lambda name=None, **kw: loaded.append((name, kw)) or real_load(name, **kw))
+    overrides = ["models.hard_core_A=1.0", "sampler.n_steps=2", "sampler.final_corrector_steps=0"]
+    result = large_guided(240, n_small=1, guide="fast", prior_name="fast", overrides=overrides)
+    assert loaded == [("fast", {"hard_core_A": 1.0})]
+    assert result["guided_overrides"] == overrides
+    assert "2 steps" in result["guided_sampler"]
+    assert result["atoms"] == 240 and result["guided_s"] > 0
