@@ -324,6 +324,25 @@ def test_sampler_config_extending_another_reads_as_hydra_composes_it():
         {k: v for k, v in base.items() if k not in ("n_steps", "noise_scale")}
 
 
+def test_every_shipped_sampler_config_reads_as_hydra_composes_it():
+    """Each `configs/sampler/*.yaml` (`pc_quick`, `pc_thorough`, …) reads through
+    `sampler_config` exactly as `generate` composes it, and builds a sampler."""
+    from omegaconf import OmegaConf
+
+    import xanesdiff.configs as configs
+    from xanesdiff.diffusion.sampling import sampler_config, sampler_from_config
+    from xanesdiff.guidance.request import compose_generate_config
+
+    names = sorted(p.stem for p in (Path(configs.__file__).parent / "sampler").glob("*.yaml"))
+    assert {"pc", "pc_quick", "pc_thorough"} <= set(names)
+    for name in names:
+        composed = compose_generate_config([f"sampler={name}"]).sampler
+        assert OmegaConf.to_container(sampler_config(name)) == OmegaConf.to_container(composed), name
+        assert sampler_from_config(name, VESchedule(0.8)) is not None
+    thorough = sampler_config("pc_thorough")
+    assert (thorough.n_steps, thorough.n_corrector) == (200, 4)
+
+
 def test_low_noise_scale_takes_over_below_its_time():
     """`low_noise_scale` applies at t ≤ low_noise_t (and to the final correctors): a Gaussian
     sampled hot above t = 0.3 and cold below ends with the cold variance; both or neither."""
