@@ -135,17 +135,16 @@ def reference_guided_sample(target: torch.Tensor, seed: int = 0, rho: float = 80
 def xanesdiff_guided_sample(target: np.ndarray, seed: int = 0, overrides=()
                             ) -> tuple[float, object, dict]:
     """Wall time (s), structure and log of one guided sample with the shipped defaults."""
-    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     from xanesdiff.forward.surrogate import load_surrogate
-    from xanesdiff.guidance.request import (compose_generate_config, load_configured_prior,
-                                            make_generator)
+    from xanesdiff.guidance.request import (build_terms, compose_generate_config,
+                                            load_configured_prior, make_generator)
 
-    cfg = compose_generate_config(overrides)
+    cfg = OmegaConf.merge(compose_generate_config(overrides), {"target": "benchmark"})
     prior = load_configured_prior(cfg)
     surrogate = load_surrogate(cfg.models.surrogate)
-    terms = [instantiate(spec, _convert_="all").bind(surrogate, target)
-             for spec in cfg.guidance.values()]
+    terms = [term.bind(surrogate, target) for term in build_terms(cfg)]
     generator = make_generator(cfg, prior, surrogate, terms, N_ATOMS)
     start = time.perf_counter()
     atoms, log = generator.generate(DENSITY, seed)

@@ -307,26 +307,10 @@ def test_default_sampler_is_the_pc_config_and_unknown_names_are_refused():
         sampler_from_config("nope", schedule)
 
 
-def test_sampler_config_extending_another_reads_as_hydra_composes_it():
-    """`pc_quick` extends `pc` through hydra's defaults list; `sampler_config` (benchmarks,
-    `default_sampler`) must read it as `generate`'s composed config does, overrides on top."""
-    from omegaconf import OmegaConf
-
-    from xanesdiff.diffusion.sampling import sampler_config
-    from xanesdiff.guidance.request import compose_generate_config
-
-    composed = compose_generate_config(["sampler=pc_quick", "sampler.noise_scale=0.4"]).sampler
-    read = sampler_config("pc_quick", ["noise_scale=0.4"])
-    assert OmegaConf.to_container(read) == OmegaConf.to_container(composed)
-    base = sampler_config("pc")
-    assert "defaults" not in read and read.n_steps < base.n_steps
-    assert {k: v for k, v in read.items() if k not in ("n_steps", "noise_scale")} == \
-        {k: v for k, v in base.items() if k not in ("n_steps", "noise_scale")}
-
-
 def test_every_shipped_sampler_config_reads_as_hydra_composes_it():
-    """Each `configs/sampler/*.yaml` (`pc_quick`, `pc_thorough`, …) reads through
-    `sampler_config` exactly as `generate` composes it, and builds a sampler."""
+    """Each `configs/sampler/*.yaml` reads through `sampler_config` (benchmarks,
+    `default_sampler`) exactly as `generate` composes it, and builds a sampler; `pc_quick` and
+    `pc_thorough` extend `pc` through hydra's defaults list, overrides on top."""
     from omegaconf import OmegaConf
 
     import xanesdiff.configs as configs
@@ -339,6 +323,14 @@ def test_every_shipped_sampler_config_reads_as_hydra_composes_it():
         composed = compose_generate_config([f"sampler={name}"]).sampler
         assert OmegaConf.to_container(sampler_config(name)) == OmegaConf.to_container(composed), name
         assert sampler_from_config(name, VESchedule(0.8)) is not None
+
+    composed = compose_generate_config(["sampler=pc_quick", "sampler.noise_scale=0.4"]).sampler
+    read = sampler_config("pc_quick", ["noise_scale=0.4"])
+    assert OmegaConf.to_container(read) == OmegaConf.to_container(composed)
+    base = sampler_config("pc")
+    assert "defaults" not in read and read.n_steps < base.n_steps
+    assert {k: v for k, v in read.items() if k not in ("n_steps", "noise_scale")} == \
+        {k: v for k, v in base.items() if k not in ("n_steps", "noise_scale")}
     thorough = sampler_config("pc_thorough")
     assert (thorough.n_steps, thorough.n_corrector) == (200, 4)
 
