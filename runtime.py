@@ -132,6 +132,37 @@ def _malloc_trim() -> None:
         malloc_trim(0)
 
 
+def resolve_device(name="auto"):
+    """A torch device from a config value: `auto` → the first CUDA GPU when torch sees one,
+    else the CPU; anything else (`cpu`, `cuda`, `cuda:1`, a `torch.device`) as given. Asking
+    for CUDA where torch has none is an error that says so (instead of torch's at first use)."""
+    import torch
+
+    from xanesdiff.datasets.errors import XanesdiffInputError
+
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise XanesdiffInputError(f"{name!r} is not a torch device ({exc}); expected "
+                                  "auto, cpu, cuda or cuda:N", "device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise XanesdiffInputError(f"{name!r} asked for, but torch sees no CUDA GPU "
+                                  f"(torch {torch.__version__}); use device=auto or cpu",
+                                  "device")
+    return device
+
+
+def device_memory_mb(device=None) -> float | None:
+    """Memory (MB) of the device a tensor lives on: the GPU's for CUDA, else the machine's."""
+    if device is not None and getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(device).total_memory / 2 ** 20
+    return total_memory_mb()
+
+
 @functools.lru_cache(maxsize=1)
 def total_memory_mb() -> float | None:
     """The machine's memory (MemTotal, MB); None where /proc/meminfo does not say."""

@@ -30,7 +30,8 @@ class NeighborListCache:
     def _lattice_jumps(self, pos, cell, batch) -> torch.Tensor | None:
         """Whole-cell translations (N,3), in cell vectors, of each atom since the last build, or
         None when the edges must be rebuilt (other cells, or an atom moved more than skin/2)."""
-        if self._pos is None or self._pos.shape != pos.shape or self._cell.shape != cell.shape:
+        if (self._pos is None or self._pos.shape != pos.shape or self._cell.shape != cell.shape
+                or self._pos.device != pos.device):
             return None
         if not torch.equal(self._cell, cell) or not torch.equal(self._batch, batch):
             return None

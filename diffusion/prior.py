@@ -41,22 +41,29 @@ class DiffusionPrior:
     def dtype(self) -> torch.dtype:
         return next(self.score_model.parameters()).dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Where the score model runs; inputs are moved there, scores come back to theirs."""
+        return next(self.score_model.parameters()).device
+
     def score_batch(self, pos_A: torch.Tensor, cell_A: torch.Tensor, numbers: torch.Tensor,
                     t, batch: torch.Tensor | None = None) -> torch.Tensor:
         """Score (N,3) in 1/Å of a batch of cells: cell (B,3,3), batch (N,) mapping atoms to cells
-        (contiguous). Differentiable w.r.t. `pos_A` when it requires grad."""
-        dtype = self.dtype  # computed in the model's dtype, returned in the positions' dtype
-        pos = pos_A.to(dtype)
-        cell = torch.as_tensor(cell_A).to(dtype).reshape(-1, 3, 3)
-        numbers = torch.as_tensor(numbers, dtype=torch.long)
+        (contiguous). Differentiable w.r.t. `pos_A` when it requires grad. Computed on the
+        model's device in its dtype, returned on the positions' device in their dtype."""
+        device, dtype = self.device, self.dtype
+        pos = pos_A.to(device=device, dtype=dtype)
+        cell = torch.as_tensor(cell_A).to(device=device, dtype=dtype).reshape(-1, 3, 3)
+        numbers = torch.as_tensor(numbers, dtype=torch.long).to(device)
         if batch is None:
-            batch = torch.zeros(pos.shape[0], dtype=torch.long)
+            batch = torch.zeros(pos.shape[0], dtype=torch.long, device=device)
+        batch = batch.to(device)
         edge_index, edge_shift = self.neighbors.get(pos, cell, batch)
-        sigma = self.schedule.sigma(torch.as_tensor(t, dtype=dtype))
+        sigma = self.schedule.sigma(torch.as_tensor(t, dtype=dtype).to(device))
         out = self.score_model(pos, cell, numbers, sigma, edge_index, edge_shift, batch)
         if self.hard_core is not None:
             out = out + self.hard_core(pos, cell, edge_index, edge_shift, batch, float(sigma))
-        return out.to(pos_A.dtype)
+        return out.to(device=pos_A.device, dtype=pos_A.dtype)
 
     def score(self, pos_A: torch.Tensor, cell_A: torch.Tensor, numbers, t) -> torch.Tensor:
         """Score ∇ log p_t(x) (N,3) in 1/Å for one cell: pos (N,3) Å, cell (3,3) Å, t ∈ (0, 1]."""
@@ -78,8 +85,14 @@ class DiffusionPrior:
                                  cell_A=cell_A, n_samples=n_samples, seed=seed, sampler=sampler,
                                  extra_score=extra_score)
 
-    def to(self, dtype: torch.dtype) -> "DiffusionPrior":
-        self.score_model = self.score_model.to(dtype)
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+           ) -> "DiffusionPrior":
+        """Move the score model to `device` and/or cast it to `dtype` (in place; returns self).
+        A bare dtype is accepted too (`prior.to(torch.float64)`)."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        self.score_model = self.score_model.to(device=device, dtype=dtype)
+        self.neighbors.clear()  # its cached graph lives on the old device
         return self
 
 
@@ -128,10 +141,11 @@ def prior_checkpoint_path(name_or_path: str | os.PathLike | None = None) -> Path
 
 
 def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0,
-               hard_core_A: float | None = 1.1) -> DiffusionPrior:
+               hard_core_A: float | None = 1.1, device: str | torch.device = "cpu"
+               ) -> DiffusionPrior:
     """Load a prior checkpoint: a path, or a shipped name (`SHIPPED_PRIORS`: default | fast);
     `None` loads the default. `hard_core_A` (Å): closest pair distance kept by a
-    `HardCoreScore` (None: the learned score alone)."""
+    `HardCoreScore` (None: the learned score alone). `device`: where the score model runs."""
     path = prior_checkpoint_path(path)
     if not path.exists():
         raise XanesdiffInputError("prior checkpoint does not exist", str(path))
@@ -154,4 +168,4 @@ def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0,
     schedule = schedule_from_config(payload["schedule"])
     hard_core = HardCoreScore(hard_core_A) if hard_core_A is not None else None
     return DiffusionPrior(model, schedule, skin_A=skin_A, metadata=payload.get("metadata"),
-                          hard_core=hard_core)
+                          hard_core=hard_core).to(device)

@@ -16,6 +16,15 @@ ScoreFn = Callable[[torch.Tensor, float], torch.Tensor]
 WrapFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def gaussian_like(pos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise shaped like `pos`, on its device and dtype, drawn with `generator`
+    on the generator's own device (the CPU for `torch.Generator()`): a seed then gives the same
+    noise, and so the same sample, whether the model runs on the CPU or a GPU."""
+    where = generator.device if generator is not None else pos.device
+    noise = torch.randn(pos.shape, generator=generator, dtype=pos.dtype, device=where)
+    return noise.to(pos.device)
+
+
 class IncompatibleSampler(ValueError):
     """A sampler used with a noise process it does not support."""
 
@@ -88,7 +97,7 @@ class Sampler:
         return self.noise_scale
 
     def _noise(self, pos, generator):
-        return torch.randn(pos.shape, generator=generator, dtype=pos.dtype, device=pos.device)
+        return gaussian_like(pos, generator)
 
     # --- building blocks ---------------------------------------------------------------------
     def em_step(self, pos, score_fn, wrap_fn, t, t_next, generator, add_noise=True):

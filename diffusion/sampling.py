@@ -86,21 +86,24 @@ def default_sampler(schedule) -> Sampler:
 def sample_structures(prior, n_atoms: int | None = None, density_g_cm3: float | None = None,
                       cell_A=None, n_samples: int = 1, seed: int = 0,
                       sampler: Sampler | None = None, element: str = "C",
-                      extra_score: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
-                      return_positions: bool = False):
+                      extra_score: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+                      ) -> list[Atoms]:
     """Sample `n_samples` cells from `prior` (optionally plus `extra_score(pos, t)`, a callable on
     the concatenated positions (n_samples·N, 3) of all cells returning a score contribution).
 
-    Returns a list of ASE Atoms (or, with `return_positions`, (pos (S,N,3), cell (3,3)))."""
+    Runs on the prior's device (`prior.device`); random numbers come from a CPU generator seeded
+    with `seed`, so a seed gives the same draws on any device. Returns a list of ASE Atoms."""
     n, cell = resolve_cell_and_count(n_atoms, density_g_cm3, cell_A, element)
     sampler = sampler or default_sampler(prior.schedule)
-    dtype = prior.dtype
+    device, dtype = prior.device, prior.dtype
     generator = torch.Generator().manual_seed(int(seed))
     cells = torch.as_tensor(cell, dtype=dtype).unsqueeze(0).repeat(n_samples, 1, 1)
-    batch = torch.arange(n_samples).repeat_interleave(n)
-    numbers = torch.full((n * n_samples,), atomic_numbers[element], dtype=torch.long)
     pos = torch.cat([prior.schedule.prior_sampling(n, cells[s], generator, dtype)
-                     for s in range(n_samples)])
+                     for s in range(n_samples)]).to(device)
+    cells = cells.to(device)
+    batch = torch.arange(n_samples, device=device).repeat_interleave(n)
+    numbers = torch.full((n * n_samples,), atomic_numbers[element], dtype=torch.long,
+                         device=device)
 
     def score_fn(x, t):
         s = prior.score_batch(x, cells, numbers, t, batch)
@@ -112,8 +115,6 @@ def sample_structures(prior, n_atoms: int | None = None, density_g_cm3: float | 
         return wrap_positions(x, cells, batch)
 
     prior.neighbors.clear()
-    pos = sampler.sample(pos, score_fn, wrap_fn, generator).reshape(n_samples, n, 3)
-    if return_positions:
-        return pos, torch.as_tensor(cell)
+    pos = sampler.sample(pos, score_fn, wrap_fn, generator).reshape(n_samples, n, 3).cpu()
     return [Atoms(numbers=[atomic_numbers[element]] * n, positions=p.double().numpy(), cell=cell,
                   pbc=True) for p in pos]

@@ -25,7 +25,7 @@ from torch import nn
 from xanesdiff.datasets.assets import resolve_asset
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.datasets.graph import periodic_neighbor_list
-from xanesdiff.runtime import total_memory_mb
+from xanesdiff.runtime import device_memory_mb
 
 DEFAULT_BACKBONE = "models/M3GNet-MP-2021.2.8-PES"
 DEFAULT_LAYERS = ("gc_1", "gc_2", "gc_3")
@@ -152,7 +152,7 @@ class M3GNetFeaturizer(nn.Module):
             bad = sorted(set(numbers[node_type < 0].tolist()))
             raise XanesdiffInputError(f"atomic numbers {bad} are not covered by {self.model_dir}")
         edge_index, shifts = self.neighbor_graph(pos, cell)
-        recompute = torch.is_grad_enabled() and self._recompute(pos.shape[0])
+        recompute = torch.is_grad_enabled() and self._recompute(pos.shape[0], pos.device)
         blocks = backbone_blocks(self.m3gnet, pos, shifts @ cell, edge_index, node_type,
                                  n_blocks=self._n_blocks_needed, recompute=recompute)
         parts = []
@@ -168,10 +168,10 @@ class M3GNetFeaturizer(nn.Module):
                 parts.append(node_feat)
         return torch.cat(parts, dim=1)
 
-    def _recompute(self, n_atoms: int) -> bool:
+    def _recompute(self, n_atoms: int, device=None) -> bool:
         if self.recompute_min_atoms is not None:
             return n_atoms >= self.recompute_min_atoms
-        total_mb = total_memory_mb()
+        total_mb = device_memory_mb(device)  # the GPU's own memory when it runs on one
         return total_mb is not None and n_atoms * GRAPH_MB_PER_ATOM > (
             RECOMPUTE_MEMORY_FRACTION * total_mb)
 

@@ -135,6 +135,11 @@ class Surrogate(nn.Module):
     def n_members(self) -> int:
         return self.head.n_members
 
+    @property
+    def device(self) -> torch.device:
+        """Where the surrogate runs (its head's buffers live there)."""
+        return self.head.feature_mean.device
+
     def _inputs(self, pos, cell, numbers):
         pos = torch.as_tensor(pos)
         if not torch.is_floating_point(pos):
@@ -199,10 +204,10 @@ class Surrogate(nn.Module):
     @torch.no_grad()
     def predict_atoms(self, atoms) -> np.ndarray:
         """(K, N_abs, M) float numpy spectra of an ASE `Atoms` (no gradients)."""
-        dtype = self.head.feature_mean.dtype
-        return self.site_spectra(torch.tensor(atoms.positions, dtype=dtype),
-                                 torch.tensor(atoms.cell.array, dtype=dtype),
-                                 torch.tensor(atoms.numbers)).cpu().numpy()
+        dtype, device = self.head.feature_mean.dtype, self.device
+        return self.site_spectra(torch.tensor(atoms.positions, dtype=dtype, device=device),
+                                 torch.tensor(atoms.cell.array, dtype=dtype, device=device),
+                                 torch.tensor(atoms.numbers, device=device)).cpu().numpy()
 
     # -- checkpoints -----------------------------------------------------------------------
     def checkpoint_dict(self) -> dict:

@@ -75,7 +75,8 @@ class SpectralFeature(GuidanceTerm):
 
     def measure(self, spectrum: torch.Tensor) -> torch.Tensor:
         """The feature of a spectrum (M,) on the surrogate's grid, differentiable."""
-        energies = torch.as_tensor(self.surrogate.grid.energies_eV, dtype=spectrum.dtype)
+        energies = torch.as_tensor(self.surrogate.grid.energies_eV, dtype=spectrum.dtype,
+                                   device=spectrum.device)
         mask = self._mask(self.window_eV, energies)
         if self.feature == "intensity":
             return spectrum[mask].mean()

@@ -18,6 +18,7 @@ from ase.data import atomic_numbers
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.datasets.graph import wrap_positions
 from xanesdiff.datasets.structures import density_g_cm3 as cell_density_g_cm3
+from xanesdiff.diffusion.samplers import gaussian_like
 from xanesdiff.diffusion.sampling import default_sampler, resolve_cell_and_count
 from xanesdiff.guidance.guided_score import GuidedScore
 from xanesdiff.guidance.validation import predict_members, spectral_match
@@ -51,13 +52,17 @@ class GuidedGenerator:
         self.n_atoms, self.element = n_atoms, element
         self.through_denoiser, self.max_ratio = through_denoiser, max_ratio
         self.refresh_every = refresh_every
+        surrogate_device = getattr(surrogate, "device", None)
+        if surrogate_device is not None and surrogate_device != prior.device:
+            raise ValueError(f"the prior runs on {prior.device} and the surrogate on "
+                             f"{surrogate_device}: load both on one device")
 
     def generate(self, density_g_cm3: float, seed: int, guided: bool = True,
                  cell_A=None) -> tuple[Atoms, dict]:
         """One structure at `density_g_cm3` (or in `cell_A`); `guided=False` samples the prior."""
         n, cell = resolve_cell_and_count(self.n_atoms if cell_A is None else None, density_g_cm3,
                                          cell_A, self.element)
-        generator = torch.Generator().manual_seed(int(seed))
+        generator = torch.Generator().manual_seed(int(seed))  # on the CPU: same draws anywhere
         pos = self.prior.schedule.prior_sampling(n, torch.as_tensor(cell, dtype=self.prior.dtype),
                                                  generator, self.prior.dtype)
         atoms, log = self._sample(pos, cell, generator, guided, t_start=None)
@@ -75,18 +80,18 @@ class GuidedGenerator:
         if symbols != {self.element}:
             raise XanesdiffInputError(f"the prior samples {self.element} only; the start "
                                       f"structure holds {sorted(symbols)}", "start")
-        dtype, cell = self.prior.dtype, start.cell.array
-        cell_t = torch.as_tensor(cell, dtype=dtype)
+        device, dtype, cell = self.prior.device, self.prior.dtype, start.cell.array
+        cell_t = torch.as_tensor(cell, dtype=dtype, device=device)
         generator = torch.Generator().manual_seed(int(seed))
-        start_pos = torch.as_tensor(start.positions, dtype=dtype)
-        noise = torch.randn(start_pos.shape, generator=generator, dtype=dtype)
+        start_pos = torch.as_tensor(start.positions, dtype=dtype, device=device)
+        noise = gaussian_like(start_pos, generator)
 
         def wrap(x):
             return wrap_positions(x, cell_t)
 
         hold_fixed, n_mobile = wrap, len(start)
         if mobile is not None:
-            moves = torch.as_tensor(np.asarray(mobile, dtype=bool)).reshape(-1, 1)
+            moves = torch.as_tensor(np.asarray(mobile, dtype=bool), device=device).reshape(-1, 1)
             if moves.shape[0] != len(start) or not bool(moves.any()):
                 raise XanesdiffInputError(f"mobile atoms: expected a mask of {len(start)} atoms "
                                           f"selecting at least one", "start_region")
@@ -112,18 +117,21 @@ class GuidedGenerator:
 
     def _sample(self, pos, cell, generator, guided: bool, t_start: float | None,
                 wrap_fn=None) -> tuple[Atoms, dict]:
-        n, cell_t = len(pos), torch.as_tensor(cell, dtype=self.prior.dtype)
-        numbers = torch.full((n,), atomic_numbers[self.element], dtype=torch.long)
+        """Run the sampler on the prior's device from `pos` (moved there) in `cell` (3,3) Å."""
+        device = self.prior.device
+        pos = pos.to(device)
+        n, cell_t = len(pos), torch.as_tensor(cell, dtype=self.prior.dtype, device=device)
+        numbers = torch.full((n,), atomic_numbers[self.element], dtype=torch.long, device=device)
         terms = self.terms if guided else []
-        if terms:
+        if terms and device.type == "cpu":  # the host's heap; a GPU's working set is its own
             fit_kept_memory(n * guided_step_mb_per_atom(self.surrogate))
         score_fn = GuidedScore(self.prior, cell_t, numbers, terms, self.through_denoiser,
                                self.max_ratio, self.refresh_every)
         self.prior.neighbors.clear()
         pos = self.sampler.sample(pos, score_fn, wrap_fn or (lambda x: wrap_positions(x, cell_t)),
                                   generator, t_start=t_start)
-        atoms = Atoms(numbers=numbers.numpy(), positions=pos.double().numpy(), cell=cell,
-                      pbc=True)
+        atoms = Atoms(numbers=numbers.cpu().numpy(), positions=pos.double().cpu().numpy(),
+                      cell=cell, pbc=True)
         atoms.wrap()
         ratios = [h["guidance_to_prior_rms"] for h in score_fn.history]
         return atoms, {"guided": guided, "guided_steps": len(ratios),

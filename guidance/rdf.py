@@ -20,16 +20,17 @@ def smooth_rdf(pos_A: torch.Tensor, cell_A: torch.Tensor, r_A: torch.Tensor,
                width_A: float = 0.05) -> torch.Tensor:
     """g(r) on the grid `r_A` (Å) with Gaussian broadening `width_A`, differentiable in positions."""
     r_max = float(r_A[-1]) + 4 * width_A
-    i, j, shift, _ = periodic_neighbor_list(pos_A.detach().double().numpy(),
-                                            cell_A.detach().double().numpy().reshape(3, 3), r_max)
-    edge_index = torch.from_numpy(np.stack([i, j]))
-    vec = edge_vectors(pos_A, cell_A.to(pos_A.dtype), edge_index,
-                       torch.from_numpy(shift).to(pos_A.dtype))
+    i, j, shift, _ = periodic_neighbor_list(pos_A.detach().cpu().double().numpy(),
+                                            cell_A.detach().cpu().double().numpy().reshape(3, 3),
+                                            r_max)
+    edge_index = torch.from_numpy(np.stack([i, j])).to(pos_A.device)
+    cell_A = cell_A.to(pos_A)
+    vec = edge_vectors(pos_A, cell_A, edge_index, torch.from_numpy(shift).to(pos_A))
     d = vec.norm(dim=1)
     kernel = torch.exp(-0.5 * ((r_A[None, :] - d[:, None]) / width_A) ** 2)
     kernel = kernel / (width_A * math.sqrt(2 * math.pi))
     n = pos_A.shape[0]
-    volume = torch.abs(torch.det(cell_A.reshape(3, 3).to(pos_A.dtype)))
+    volume = torch.abs(torch.det(cell_A.reshape(3, 3)))
     shell = 4 * math.pi * r_A ** 2
     return kernel.sum(0) / (n * (n / volume) * shell)
 
@@ -63,6 +64,6 @@ class RDFTarget(GuidanceTerm):
         return self
 
     def energy(self, x0_A, cell_A, numbers):
-        g = smooth_rdf(x0_A, cell_A, self.r.to(x0_A.dtype), self.width_A)
-        diff = g - self.g.to(x0_A.dtype)
+        g = smooth_rdf(x0_A, cell_A, self.r.to(x0_A), self.width_A)
+        diff = g - self.g.to(x0_A)
         return 0.5 * (diff / self.sigma).pow(2).sum(), {"rmse": float(diff.detach().pow(2).mean().sqrt())}

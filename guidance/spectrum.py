@@ -44,7 +44,7 @@ class SpectrumLikelihood(GuidanceTerm):
         if self.surrogate is None or self.target is None:
             raise RuntimeError("SpectrumLikelihood needs bind(surrogate, target) before sampling")
         members = self.surrogate.mean_spectrum(x0_A, cell_A, numbers, site_mask=self.site_mask)
-        target = self.target.to(members.dtype)
+        target = self.target.to(members)  # the prediction's device and dtype
         mean = members.mean(0)
         var = members.var(0, unbiased=False) if members.shape[0] > 1 else torch.zeros_like(mean)
         variance = self.sigma_obs ** 2 + self.ensemble_weight * var.detach()

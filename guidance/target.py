@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.datasets.experimental import MeasuredSpectrum, prepare_target
 from xanesdiff.datasets.spectra_io import _parse_numeric_table, read_site_spectra
+from xanesdiff.guidance.validation import predict_members
 
 STRUCTURE_SUFFIXES = {".vasp", ".poscar", ".cif", ".extxyz", ".xyz", ".traj", ".json", ".pdb"}
 
@@ -59,12 +59,7 @@ def load_target(path: str | os.PathLike, surrogate, *, shift_eV: float | None = 
         spectra = []
         for k, atoms in enumerate(frames):
             check_elements(atoms, {surrogate.absorber}, f"{path} (frame {k})")
-            with torch.no_grad():
-                members = surrogate.mean_spectrum(
-                    torch.tensor(atoms.positions, dtype=torch.float32),
-                    torch.tensor(atoms.cell.array, dtype=torch.float32),
-                    torch.tensor(atoms.numbers))
-            spectra.append(members.mean(0).numpy())
+            spectra.append(predict_members(surrogate, atoms).mean(0))
         return Target(np.mean(spectra, axis=0), str(path), "structure", {"frames": len(frames)})
     header = path.read_text(errors="replace").lstrip().splitlines()[:1]
     if header and header[0].split(",")[0].strip() == "energy_eV" and header[0].count(",") >= 2:

@@ -17,12 +17,15 @@ def spectral_match(predicted: np.ndarray, target: np.ndarray) -> dict:
 
 
 def predict_sites(surrogate, atoms) -> np.ndarray:
-    """Ensemble members' per-site spectra (K, N_abs, M) of an ASE structure."""
+    """Ensemble members' per-site spectra (K, N_abs, M) of an ASE structure, computed on the
+    surrogate's device."""
+    device = getattr(surrogate, "device", "cpu")
     with torch.no_grad():
-        sites = surrogate.site_spectra(torch.tensor(atoms.positions, dtype=torch.float32),
-                                       torch.tensor(atoms.cell.array, dtype=torch.float32),
-                                       torch.tensor(atoms.numbers))
-    return sites.numpy()
+        sites = surrogate.site_spectra(
+            torch.tensor(atoms.positions, dtype=torch.float32, device=device),
+            torch.tensor(atoms.cell.array, dtype=torch.float32, device=device),
+            torch.tensor(atoms.numbers, device=device))
+    return sites.cpu().numpy()
 
 
 def predict_members(surrogate, atoms) -> np.ndarray:

@@ -29,14 +29,14 @@ class LibraryModels:
     provenance: dict = field(default_factory=dict)
 
 
-def _checkpoint(kind: str, path, loader) -> tuple[object, dict]:
+def _checkpoint(kind: str, path, loader, device="cpu") -> tuple[object, dict]:
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise XanesdiffInputError(f"{kind} checkpoint does not exist", str(path))
     sha = file_sha256(path)
-    cache_key = (kind, str(path), sha)
+    cache_key = (kind, str(path), sha, str(device))
     if cache_key not in _LOADED:
-        _LOADED[cache_key] = loader(path)
+        _LOADED[cache_key] = loader(path, device=device)
     return _LOADED[cache_key], {"path": str(path), "sha256": sha}
 
 
@@ -69,8 +69,9 @@ def resolve_factory(dotted: str):
     return factory
 
 
-def load_models(models_cfg: dict) -> LibraryModels:
-    """Models from a `models` config mapping (see the module docstring)."""
+def load_models(models_cfg: dict, device="cpu") -> LibraryModels:
+    """Models from a `models` config mapping (see the module docstring); checkpoints are loaded
+    onto `device` (a factory places its own models)."""
     cfg = dict(models_cfg or {})
     if cfg.get("factory"):
         kwargs = dict(cfg.get("factory_kwargs") or {})
@@ -90,9 +91,9 @@ def load_models(models_cfg: dict) -> LibraryModels:
     from xanesdiff.forward.surrogate import load_surrogate, surrogate_checkpoint_path
 
     prior, prior_info = _checkpoint(  # a path, or a shipped name such as "fast"
-        "prior", prior_checkpoint_path(cfg.get("prior")), load_prior)
+        "prior", prior_checkpoint_path(cfg.get("prior")), load_prior, device)
     surrogate, surrogate_info = _checkpoint(  # a path, or a shipped name such as "fast"
-        "surrogate", surrogate_checkpoint_path(cfg.get("surrogate")), load_surrogate)
+        "surrogate", surrogate_checkpoint_path(cfg.get("surrogate")), load_surrogate, device)
     provenance = {"prior": prior_info, "surrogate": surrogate_info}
     judge = None
     judge_path = cfg.get("judge")
@@ -100,5 +101,5 @@ def load_models(models_cfg: dict) -> LibraryModels:
         judge_path = "judge"
     if judge_path not in (None, False, "none"):
         judge, provenance["judge"] = _checkpoint("judge", surrogate_checkpoint_path(judge_path),
-                                                 load_surrogate)
+                                                 load_surrogate, device)
     return LibraryModels(prior, surrogate, judge, provenance)

@@ -30,6 +30,7 @@ from xanesdiff.library.models import LibraryModels, load_models
 from xanesdiff.library.plan import (PlanItem, expand_plan, load_plan_file, plan_fingerprint,
                                     shard_db_url, shard_items)
 from xanesdiff.library.store import LibraryStore
+from xanesdiff.runtime import resolve_device
 
 log = logging.getLogger("xanesdiff.library")
 
@@ -211,15 +212,11 @@ def _jsonable(value):
 
 
 def _site_spectra(atoms, surrogate) -> dict:
-    import torch
+    from xanesdiff.guidance.validation import predict_sites
 
     absorber = getattr(surrogate, "absorber", "C")
     indices = np.array([k for k, s in enumerate(atoms.get_chemical_symbols()) if s == absorber])
-    with torch.no_grad():
-        members = surrogate.site_spectra(torch.tensor(atoms.positions, dtype=torch.float32),
-                                         torch.tensor(atoms.cell.array, dtype=torch.float32),
-                                         torch.tensor(atoms.numbers))
-    return {"site_spectra": members.mean(0).numpy().astype(np.float32),
+    return {"site_spectra": predict_sites(surrogate, atoms).mean(0).astype(np.float32),
             "absorber_indices": indices.astype(np.int64)}
 
 
@@ -292,7 +289,7 @@ def build_library(cfg, models: LibraryModels | None = None, progress: bool = Tru
     for item in {tuple(i.steer): i for i in items if i.steer}.values():
         _steer_specs(item)  # every steer config parses before any work
     if models is None:
-        models = load_models(_container(cfg.models))
+        models = load_models(_container(cfg.models), resolve_device(cfg.get("device", "auto")))
     settings, settings_id = library_settings(cfg, models.provenance)
 
     url = db_url(cfg)

@@ -40,15 +40,6 @@ def hydra_app(config_name: str) -> Callable:
     return decorate
 
 
-def resolve_device(name: str = "auto"):
-    """`auto` → CUDA when available, else CPU."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def set_threads() -> None:
     """Respect `$XANESDIFF_THREADS` (default: torch's choice) for CPU runs."""
     import torch

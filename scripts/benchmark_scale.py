@@ -10,7 +10,9 @@ slope of log(time) against log(atoms). `--large N` also samples one N-atom cell 
 sampler (prior only) and compares its structure with 216-atom samples; `--large-guided` adds one
 guided N-atom sample with the `generate` defaults and the `--surrogate` guide (in its own
 process; `--atoms` with no values keeps the curve already in --out and only adds large cells).
-`--prior` (default | fast | a checkpoint) is the prior of every measurement.
+`--prior` (default | fast | a checkpoint) is the prior of every measurement. `--device cuda`
+measures on a GPU (times synchronised with it, peak memory the GPU's); write such a run to its
+own file (`--out benchmarks/scale_gpu.json`).
 """
 
 from __future__ import annotations
@@ -31,25 +33,47 @@ import torch
 DENSITY = 2.5
 
 
-def measure_point(n_atoms: int, guided: bool, repeats: int, prior_name: str = "default") -> dict:
+def clock(device: torch.device) -> float:
+    """perf_counter after the device has finished its queued work (GPU kernels run async)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def peak_mb(device: torch.device) -> float:
+    """Peak memory of this process so far (MB): the GPU's allocations on CUDA, else max RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU"
+
+
+def measure_point(n_atoms: int, guided: bool, repeats: int, prior_name: str = "default",
+                  device: torch.device = torch.device("cpu")) -> dict:
     """Prior step time (s) and, if `guided`, guided step times with each shipped guide."""
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.diffusion.sampling import cubic_cell_for_density
     from xanesdiff.datasets.graph import wrap_positions
 
-    prior = load_prior(prior_name)
+    prior = load_prior(prior_name, device=device)
     cell = torch.tensor(cubic_cell_for_density(n_atoms, DENSITY), dtype=torch.float32)
-    numbers = torch.full((n_atoms,), 6)
+    numbers = torch.full((n_atoms,), 6, device=device)
     generator = torch.Generator().manual_seed(0)
-    pos = prior.schedule.prior_sampling(n_atoms, cell, generator)
+    pos = prior.schedule.prior_sampling(n_atoms, cell, generator).to(device)
+    cell = cell.to(device)
     result = {"atoms": n_atoms}
     with torch.no_grad():
         prior.score(pos, cell, numbers, 0.5)
-        start = time.perf_counter()
+        start = clock(device)
         for _ in range(repeats):
             pos = wrap_positions(pos + 0.05 * torch.randn_like(pos), cell)  # moves: cache checks
             prior.score(pos, cell, numbers, 0.5)
-        result["step_s"] = (time.perf_counter() - start) / repeats
+        result["step_s"] = (clock(device) - start) / repeats
     if guided:
         from xanesdiff.forward.surrogate import load_surrogate
         from xanesdiff.guidance.guided_score import GuidedScore
@@ -57,25 +81,27 @@ def measure_point(n_atoms: int, guided: bool, repeats: int, prior_name: str = "d
         from xanesdiff.guidance.spectrum import SpectrumLikelihood
         from xanesdiff.runtime import fit_kept_memory, memory_kept
 
-        fit_kept_memory(n_atoms * GUIDED_STEP_MB_PER_ATOM)  # as GuidedGenerator does (M3GNet)
-        result["large_blocks_mapped"] = not memory_kept()
+        if device.type == "cpu":  # as GuidedGenerator does (M3GNet)
+            fit_kept_memory(n_atoms * GUIDED_STEP_MB_PER_ATOM)
+            result["large_blocks_mapped"] = not memory_kept()
 
         for name, key in (("default", "guided_step_s"), ("fast", "fast_guided_step_s")):
-            surrogate = load_surrogate(name)
+            surrogate = load_surrogate(name, device=device)
             target = np.full(surrogate.grid.n_points, 0.22)
             score = GuidedScore(prior, cell, numbers, [SpectrumLikelihood(surrogate, target)])
             score(pos, 0.3)  # warm-up (the first call of a size also sizes the allocator's heap)
             times = []
             for _ in range(repeats):
-                start = time.perf_counter()
+                start = clock(device)
                 score(pos, 0.3)
-                times.append(time.perf_counter() - start)
+                times.append(clock(device) - start)
             result[key] = float(np.median(times))
-    result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_mb"] = peak_mb(device)
     return result
 
 
-def large_cell(n_atoms: int, n_small: int, n_steps: int, prior_name: str = "default") -> dict:
+def large_cell(n_atoms: int, n_small: int, n_steps: int, prior_name: str = "default",
+               device: torch.device = torch.device("cpu")) -> dict:
     """One `n_atoms` cell and `n_small` 216-atom cells, same sampler (Euler–Maruyama, `n_steps`,
     5 final corrector steps), compared by their hybridisation."""
     from xanesdiff.analysis.structure import hybridization_fractions
@@ -83,16 +109,17 @@ def large_cell(n_atoms: int, n_small: int, n_steps: int, prior_name: str = "defa
     from xanesdiff.diffusion.samplers import EulerMaruyama
     from xanesdiff.diffusion.sampling import sample_structures
 
-    prior = load_prior(prior_name)
+    prior = load_prior(prior_name, device=device)
     sampler = EulerMaruyama(prior.schedule, n_steps=n_steps, final_corrector_steps=5)
-    start = time.perf_counter()
+    start = clock(device)
     (big,) = sample_structures(prior, n_atoms=n_atoms, density_g_cm3=DENSITY, seed=0,
                                sampler=sampler)
-    sample_s = time.perf_counter() - start
+    sample_s = clock(device) - start
     small = sample_structures(prior, n_atoms=216, density_g_cm3=DENSITY, n_samples=n_small,
                               seed=1, sampler=sampler)
     hb, hs = hybridization_fractions(big), hybridization_fractions(small)
-    return {"atoms": n_atoms, "sample_s": sample_s, "sampler": f"em, {n_steps} steps", "sp3": hb["sp3"], "sp3_216": hs["sp3"],
+    return {"atoms": n_atoms, "sample_s": sample_s, "sampler": f"em, {n_steps} steps",
+            "peak_mb": peak_mb(device), "sp3": hb["sp3"], "sp3_216": hs["sp3"],
             "sp3_err": abs(hb["sp3"] - hs["sp3"]), "cn1": hb["cn1"], "cn1_216": hs["cn1"],
             "guided_s": None,
             "note": "guided sample not run (--large-guided); guided_s_estimate: the default "
@@ -100,7 +127,8 @@ def large_cell(n_atoms: int, n_small: int, n_steps: int, prior_name: str = "defa
 
 
 def large_guided(n_atoms: int, n_small: int, guide: str = "default",
-                 prior_name: str = "default", overrides: list[str] = ()) -> dict:
+                 prior_name: str = "default", overrides: list[str] = (),
+                 device: torch.device = torch.device("cpu")) -> dict:
     """One guided `n_atoms` cell with the shipped `generate` settings (density given, plus
     `overrides` such as `sampler=pc_quick`) and the `guide` surrogate, target the mean spectrum
     of a 2.49 g/cm³ frame; compared with `n_small` guided 216-atom cells. Spectra are judged as
@@ -120,15 +148,16 @@ def large_guided(n_atoms: int, n_small: int, guide: str = "default",
     cfg = OmegaConf.merge(compose_generate_config([f"models.surrogate={guide}",
                                                    f"models.prior={prior_name}", *overrides]),
                           {"target": frame.name})
-    prior, surrogate = load_configured_prior(cfg), load_surrogate(cfg.models.surrogate)
-    validator, judge = load_surrogate("default"), load_surrogate("judge")
+    prior = load_configured_prior(cfg, device)
+    surrogate = load_surrogate(cfg.models.surrogate, device=device)
+    validator, judge = (load_surrogate(name, device=device) for name in ("default", "judge"))
     terms = [term.bind(surrogate, target) for term in build_terms(cfg)]
     results = {}
     for n, seeds in ((n_atoms, [0]), (216, range(1, n_small + 1))):
         generator = make_generator(cfg, prior, surrogate, terms, n_atoms=n)
-        start = time.perf_counter()
+        start = clock(device)
         frames = [generator.generate(DENSITY, seed)[0] for seed in seeds]
-        elapsed = time.perf_counter() - start
+        elapsed = clock(device) - start
         maes = {name: float(np.mean([spectral_match(predict_members(model, a).mean(0),
                                                     target)["mae"] for a in frames]))
                 for name, model in (("mae", validator), ("judge_mae", judge))}
@@ -140,7 +169,7 @@ def large_guided(n_atoms: int, n_small: int, guide: str = "default",
             "guided_judge_mae": big["judge_mae"], "guided_judge_mae_216": small["judge_mae"],
             "guided_sp3": big["sp3"], "guided_sp3_216": small["sp3"],
             "guided_sp3_err": abs(big["sp3"] - small["sp3"]), "guided_cn1": big["cn1"],
-            "guided_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "guided_peak_mb": peak_mb(device),
             "guided_large_blocks_mapped": not memory_kept(),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
             "guided_overrides": list(overrides),
@@ -194,7 +223,7 @@ def run_points(args) -> list[dict]:
     for n in args.atoms:
         cmd = [sys.executable, "-m", "xanesdiff.scripts.benchmark_scale", "--point", str(n),
                "--repeats", str(args.repeats), "--threads", str(args.threads),
-               "--prior", args.prior]
+               "--prior", args.prior, "--device", args.device]
         if n <= args.guided_max:
             cmd.append("--guided")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -225,7 +254,7 @@ def fit_exponents(points: list[dict]) -> dict:
 
 
 def main(argv=None) -> None:
-    from xanesdiff.runtime import configure_process
+    from xanesdiff.runtime import configure_process, resolve_device
 
     configure_process()
     from xanesdiff.guidance.report import write_json
@@ -252,16 +281,20 @@ def main(argv=None) -> None:
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--guided", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--guided-cell", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default), cuda, cuda:N or auto (the GPU when there is one)")
     parser.add_argument("--out", default="benchmarks/scale.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     if args.point:
-        print(json.dumps(measure_point(args.point, args.guided, args.repeats, args.prior)))
+        print(json.dumps(measure_point(args.point, args.guided, args.repeats, args.prior,
+                                       device)))
         return
     if args.guided_cell:
         print(json.dumps(large_guided(args.guided_cell, n_small=args.small_samples,
                                       guide=args.surrogate, prior_name=args.prior,
-                                      overrides=args.set)))
+                                      overrides=args.set, device=device)))
         return
     command = "python -m xanesdiff.scripts.benchmark_scale " + " ".join(
         sys.argv[1:] if argv is None else argv)
@@ -270,14 +303,16 @@ def main(argv=None) -> None:
         result = {"points": points, **fit_exponents(points), "prior": args.prior,
                   "density_g_cm3": DENSITY,
                   "command": command,
-                  "machine": f"{platform.machine()}, {args.threads} torch threads"}
+                  "device": str(device),
+                  "machine": f"{device_name(device)}, {args.threads} torch threads"}
     else:  # extend an earlier run (e.g. with the guided large cell)
         result = json.loads(Path(args.out).read_text())
         result["command"] += f"; then {command}"
         points = result["points"]
     if args.large and args.atoms:
         result["large_cell"] = large_cell(args.large, n_small=args.small_samples,
-                                          n_steps=args.large_steps, prior_name=args.prior)
+                                          n_steps=args.large_steps, prior_name=args.prior,
+                                          device=device)
         big = [p for p in points if p["atoms"] == args.large]
         if big and "guided_sample_s" in big[0]:
             result["large_cell"]["guided_s_estimate"] = big[0]["guided_sample_s"]
@@ -285,7 +320,7 @@ def main(argv=None) -> None:
         cmd = [sys.executable, "-m", "xanesdiff.scripts.benchmark_scale", "--guided-cell",
                str(args.large), "--threads", str(args.threads), "--surrogate", args.surrogate,
                "--prior", args.prior, "--small-samples", str(args.small_samples),
-               "--set", *args.set]
+               "--device", args.device, "--set", *args.set]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         result.setdefault("large_cell", {}).update(json.loads(out.strip().splitlines()[-1]))
         result["large_cell"].pop("note", None)

@@ -23,6 +23,7 @@ from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.guidance.request import (build_terms, check_density, edit_structure,
                                         load_configured_prior, load_start_structures,
                                         make_generator, region_mask, set_relative_references)
+from xanesdiff.runtime import resolve_device
 from xanesdiff.scripts._hydra import hydra_app, set_threads
 
 log = logging.getLogger("xanesdiff.generate")
@@ -79,11 +80,13 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
 
-    surrogate = load_surrogate(cfg.models.surrogate)
+    device = resolve_device(cfg.device)
+    log.info("running on %s", device)
+    surrogate = load_surrogate(cfg.models.surrogate, device=device)
     _advise_fast_guide(int(cfg.n_atoms), surrogate)
     validator = _load_validator(cfg.models.validator, cfg.models.surrogate, surrogate)
-    judge = _load_judge(cfg.models.judge, load_surrogate)
-    prior = load_configured_prior(cfg)
+    judge = _load_judge(cfg.models.judge, load_surrogate, device)
+    prior = load_configured_prior(cfg, device)
     target = None
     if cfg.target is not None:
         target = load_target(cfg.target, validator, **OmegaConf.to_container(cfg.target_prep))
@@ -230,16 +233,16 @@ def _load_validator(validator_path, guide_path, guide):
 
     same = (surrogate_checkpoint_path(validator_path).resolve()
             == surrogate_checkpoint_path(guide_path).resolve())
-    return guide if same else load_surrogate(validator_path)
+    return guide if same else load_surrogate(validator_path, device=guide.device)
 
 
-def _load_judge(path, load_surrogate):
+def _load_judge(path, load_surrogate, device):
     from xanesdiff.forward.surrogate import surrogate_checkpoint_path
 
     if path is None:
         default = surrogate_checkpoint_path("judge")
-        return load_surrogate(default) if default.exists() else None
-    return load_surrogate(path)
+        return load_surrogate(default, device=device) if default.exists() else None
+    return load_surrogate(path, device=device)
 
 
 def _spectral_info(atoms, target, surrogate, judge, validate_spectrum) -> dict:

@@ -123,6 +123,7 @@ def run(cfg: DictConfig) -> dict:
     from xanesdiff.datasets.spectra_io import write_spectra_csv
     from xanesdiff.datasets.structures import read_structures
     from xanesdiff.forward.surrogate import load_surrogate
+    from xanesdiff.runtime import resolve_device
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -134,7 +135,8 @@ def run(cfg: DictConfig) -> dict:
         if not p.exists():
             raise XanesdiffInputError("structure file does not exist", str(p))
     n_frames = sum(len(read_structures(p)) for p in paths)  # validates every file up front
-    surrogate = load_surrogate(cfg.checkpoint, device=cfg.device, backbone_path=cfg.backbone_path)
+    surrogate = load_surrogate(cfg.checkpoint, device=resolve_device(cfg.device),
+                               backbone_path=cfg.backbone_path)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {}

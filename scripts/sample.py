@@ -37,12 +37,14 @@ def run(cfg: DictConfig) -> dict:
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.datasets.spectra_io import atomic_write_text
     from xanesdiff.guidance.report import write_extxyz
+    from xanesdiff.runtime import resolve_device
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     if int(cfg.n) < 1:
         raise XanesdiffInputError(f"n must be ≥ 1, got {cfg.n}", "n")
-    prior = load_prior(cfg.checkpoint, hard_core_A=cfg.hard_core_A)
+    device = resolve_device(cfg.get("device", "auto"))
+    prior = load_prior(cfg.checkpoint, hard_core_A=cfg.hard_core_A, device=device)
     sampler = hydra.utils.instantiate(cfg.sampler, schedule=prior.schedule)
     cell = None if cfg.cell is None else OmegaConf.to_container(cfg.cell)
     density = None if cfg.density is None else float(cfg.density)
@@ -60,6 +62,7 @@ def run(cfg: DictConfig) -> dict:
     report["reference_network"] = network
     report["sampling"] = {"checkpoint": str(cfg.checkpoint or "checkpoints/prior_default.pt"),
                           "sampler": OmegaConf.to_container(cfg.sampler), "seed": int(cfg.seed),
+                          "device": str(device),
                           "n_score_evals": sampler.n_score_evals, "wall_s": elapsed,
                           "command": "xanesdiff sample " + " ".join(sys.argv[1:])}
     for atoms, stats in zip(frames, report["per_structure"]):
