@@ -141,19 +141,24 @@ def fit_head(head: EnsembleHead, features: list[torch.Tensor], spectra: list[tor
 
 def member_batch_loss(head: EnsembleHead, x, y, frame_index, n_frames, idx, cfg, feature_sd=None,
                       gen=None) -> torch.Tensor:
-    """Loss of every member on its own batch `idx` (K, B) of sites."""
-    xin = x[idx]  # (K, B, F)
+    """Loss of every member on its own batch `idx` (K, B) of sites. The site tables (x, y,
+    frame_index) may stay on the CPU: each batch is moved to the head's device."""
+    device = head.feature_mean.device
+    xin = x[idx].to(device)  # (K, B, F)
     if cfg.feature_noise and feature_sd is not None:
-        xin = xin + cfg.feature_noise * feature_sd * torch.randn(xin.shape, generator=gen)
+        noise = torch.randn(xin.shape, generator=gen, dtype=xin.dtype)  # on gen's (CPU) device
+        xin = xin + cfg.feature_noise * feature_sd * noise.to(device)
     pred = head(xin)  # (K, B, M)
-    target = y[idx]
+    target = y[idx].to(device)
     diff = (pred - target) / head.target_scale
     site_term = (diff ** 2).mean()
     if cfg.mean_weight <= 0:
         return site_term
     K, B, M = diff.shape
-    flat = (frame_index[idx] + n_frames * torch.arange(K).unsqueeze(1)).reshape(-1)
-    summed = torch.zeros(K * n_frames, M, dtype=diff.dtype).index_add(0, flat, diff.reshape(-1, M))
+    flat = (frame_index[idx].to(device)
+            + n_frames * torch.arange(K, device=device).unsqueeze(1)).reshape(-1)
+    summed = torch.zeros(K * n_frames, M, dtype=diff.dtype, device=device).index_add(
+        0, flat, diff.reshape(-1, M))
     counts = torch.bincount(flat, minlength=K * n_frames).to(diff.dtype)
     present = counts > 0
     mean_term = ((summed[present] / counts[present].unsqueeze(1)) ** 2).mean()
