@@ -132,6 +132,26 @@ def test_guided_memory_estimate_follows_the_guide():
         assert (guided_step_mb_per_atom(guide) < 1.0) is expected, name
 
 
+def test_large_cell_advice_names_the_faster_settings_on_the_cpu_only(caplog):
+    from types import SimpleNamespace
+
+    import torch
+
+    from xanesdiff.scripts.generate import _advise_fast_guide
+
+    learned = SimpleNamespace(config={"featurizer": {"type": "m3gnet"}})
+    histograms = SimpleNamespace(config={"featurizer": {"type": "descriptor"}})
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    with caplog.at_level("WARNING", logger="xanesdiff.generate"):
+        _advise_fast_guide(10_000, learned, cpu)
+        assert "models.surrogate=fast sampler=pc_quick" in caplog.text
+        caplog.clear()
+        for n_atoms, guide, device in ((216, learned, cpu), (10_000, histograms, cpu),
+                                       (10_000, learned, gpu)):
+            _advise_fast_guide(n_atoms, guide, device)
+        assert caplog.text == ""
+
+
 def test_generate_infers_density_and_steers_without_target(tiny_models, tmp_path):
     target = REPO / "examples" / "target_rho2.5.csv"
     out = tmp_path / "infer"
