@@ -6,17 +6,29 @@
 #      one 10^5-atom prior sample compared with 216-atom cells) → $OUT/scale_gpu.json;
 #   with STAGE=guided instead, one guided 10^5-atom sample (`fast` guide, sampler=pc_quick)
 #   compared with guided 216-atom cells → $OUT/scale_gpu_guided.json.
-# Needs the project's dependencies importable by $PYTHON (default python3) and the assets in
-# $XANESDIFF_ASSETS (default ../shared). Without an installed xanesdiff, the checkout itself is
-# put on the path under the package's name.
+# Needs torch (with CUDA) importable by $PYTHON (default python3); the other dependencies either
+# installed or as wheels in .whl/ (scripts/device_wheels.sh fetches them), and the assets in
+# $XANESDIFF_ASSETS, else .assets/ when present, else ../shared. Without an installed xanesdiff,
+# the checkout itself is put on the path under the package's name.
+# For a machine with no network that receives only the checkout (such as this workplace's device
+# tool): here `bash scripts/device_wheels.sh; mkdir -p .assets; cp -r ../shared/models
+# ../shared/data .assets/`, then run `bash scripts/device_check.sh` there carrying .whl and .assets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-runs/device_check}
 STAGE=${STAGE:-check}
 mkdir -p "$OUT"
-export XANESDIFF_ASSETS=${XANESDIFF_ASSETS:-$(cd .. && pwd)/shared}
-export HF_HUB_OFFLINE=1 MPLBACKEND=Agg PYTHONUNBUFFERED=1
+if [ -z "${XANESDIFF_ASSETS:-}" ]; then
+    if [ -d .assets ]; then XANESDIFF_ASSETS=$(pwd)/.assets; else XANESDIFF_ASSETS=$(cd .. && pwd)/shared; fi
+fi
+export XANESDIFF_ASSETS HF_HUB_OFFLINE=1 MPLBACKEND=Agg PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then  # before the machine's own packages on the path
+    site=$(mktemp -d)
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" .whl/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 if ! "$PYTHON" -c 'import xanesdiff' 2>/dev/null; then
     pkg=$(mktemp -d)
     ln -s "$(pwd)" "$pkg/xanesdiff"
