@@ -4,10 +4,14 @@
     xanesdiff predict traj.extxyz out=runs/pred checkpoint=checkpoints/forward_judge.pt
 
 Every frame of every file (any ASE-readable format) gets
-  <file>_<frame>_mean.csv   energy_eV, mean (ensemble mean), std (ensemble σ), member_k ...
+  <file>_<frame>_mean.csv   energy_eV, mean (ensemble mean), std (ensemble σ), [heldout_rms,
+                            band,] member_k ...
   <file>_<frame>_sites.csv  energy_eV, one column per absorbing atom (site_<atom index>)
-and each file one <file>.png (mean spectra with the ±1σ ensemble band); summary.csv holds the
-mean spectrum of every frame.
+and each file one <file>.png (mean spectra with their ±1σ band); summary.csv holds the mean
+spectrum of every frame. Where the checkpoint's held-out error has been measured
+(`<checkpoint>.heldout.json`, scripts/calibrate_forward.py), `band` = √(std² + heldout_rms²) is
+the uncertainty to quote for a structure unlike the training networks, and the plot shows it; the
+ensemble σ alone is 3–9× smaller than the error on a new network (xanesdiff.forward.heldout_error).
 """
 
 from __future__ import annotations
@@ -57,8 +61,10 @@ def _safe_stem(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem) or "structure"
 
 
-def predict_file(surrogate, path: Path, out: Path, per_site: bool, plot: bool, progress) -> list:
-    """Predict every frame of `path`; returns [(column name, mean spectrum)]."""
+def predict_file(surrogate, path: Path, out: Path, per_site: bool, plot: bool, progress,
+                 heldout=None) -> list:
+    """Predict every frame of `path`; returns [(column name, mean spectrum)]. `heldout`: the
+    checkpoint's `HeldOutError`, if measured (adds the held-out band)."""
     import numpy as np
 
     from xanesdiff.datasets.spectra_io import write_spectra_csv
@@ -74,6 +80,8 @@ def predict_file(surrogate, path: Path, out: Path, per_site: bool, plot: bool, p
         mean, std = member_means.mean(0), member_means.std(0)
         name = f"{stem}_{k:04d}"
         columns = {"mean": mean, "std": std}
+        if heldout is not None:
+            columns.update({"heldout_rms": heldout.rms, "band": heldout.band(std)})
         columns.update({f"member_{i}": m for i, m in enumerate(member_means)})
         write_spectra_csv(out / f"{name}_mean.csv", energies, columns)
         if per_site:
@@ -82,11 +90,12 @@ def predict_file(surrogate, path: Path, out: Path, per_site: bool, plot: bool, p
             write_spectra_csv(out / f"{name}_sites.csv", energies,
                               {f"site_{a}": s for a, s in zip(absorbers, site_mean)})
         rows.append((name, mean))
-        bands.append((name, mean, std))
+        bands.append((name, mean, columns.get("band", std)))
         progress.update(1)
     if plot:
+        what = "ensemble ⊕ held-out error" if heldout is not None else "ensemble only"
         plot_band(out / f"{stem}.png", energies, bands, f"{path.name}: predicted mean XANES "
-                  f"({surrogate.absorber} K-edge), ±1σ ensemble")
+                  f"({surrogate.absorber} K-edge), ±1σ ({what})")
     return rows
 
 
@@ -122,7 +131,8 @@ def run(cfg: DictConfig) -> dict:
     from xanesdiff.datasets.errors import XanesdiffInputError
     from xanesdiff.datasets.spectra_io import write_spectra_csv
     from xanesdiff.datasets.structures import read_structures
-    from xanesdiff.forward.surrogate import load_surrogate
+    from xanesdiff.forward.heldout_error import load_heldout_error
+    from xanesdiff.forward.surrogate import load_surrogate, surrogate_checkpoint_path
     from xanesdiff.runtime import resolve_device
 
     if cfg.threads:
@@ -137,13 +147,15 @@ def run(cfg: DictConfig) -> dict:
     n_frames = sum(len(read_structures(p)) for p in paths)  # validates every file up front
     surrogate = load_surrogate(cfg.checkpoint, device=resolve_device(cfg.device),
                                backbone_path=cfg.backbone_path)
+    heldout = load_heldout_error(surrogate_checkpoint_path(cfg.checkpoint),
+                                 surrogate.grid.n_points)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
     with tqdm(total=n_frames, desc="predict", unit="frame", disable=None) as progress:
         for p in paths:
             for name, mean in predict_file(surrogate, p, out, bool(cfg.per_site), bool(cfg.plot),
-                                           progress):
+                                           progress, heldout):
                 summary[name] = mean
     write_spectra_csv(out / "summary.csv", surrogate.grid.energies_eV, summary)
     print(f"predicted {len(summary)} frame(s) from {len(paths)} file(s) -> {out}")

@@ -51,6 +51,11 @@ def test_predict_poscar_extxyz_cif(a_c_dataset, tmp_path):
         _, mean_cols = read_spectra_csv(out / f"{name}_mean.csv")
         assert {"mean", "std", "member_0", "member_3"} <= set(mean_cols)
         assert (mean_cols["std"] >= 0).all()
+        # the shipped checkpoint's held-out error is measured: the band adds it to the spread
+        np.testing.assert_allclose(mean_cols["band"] ** 2,
+                                   mean_cols["std"] ** 2 + mean_cols["heldout_rms"] ** 2,
+                                   rtol=1e-5, atol=1e-12)
+        assert np.median(mean_cols["heldout_rms"]) > 2 * np.median(mean_cols["std"])
         _, site_cols = read_spectra_csv(out / f"{name}_sites.csv")
         assert len(site_cols) == 216 and "site_215" in site_cols
         np.testing.assert_allclose(np.mean(list(site_cols.values()), axis=0), mean_cols["mean"],
