@@ -51,8 +51,11 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
 
 def plot_spectra(path: str | os.PathLike, energy_eV: np.ndarray, target: np.ndarray | None,
                  predicted: list[np.ndarray], predicted_std: list[np.ndarray],
-                 labels: list[str], title: str = "") -> None:
-    """Target vs predicted mean spectra, each prediction with its ±1σ ensemble band."""
+                 labels: list[str], title: str = "", target_band: np.ndarray | None = None
+                 ) -> None:
+    """Target vs predicted mean spectra, each prediction with its ±1σ ensemble band; with
+    `target_band` (the validator's held-out RMS per energy), a grey band of ± that around the
+    target: how far the prediction of a structure that truly matched could still lie."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,6 +64,9 @@ def plot_spectra(path: str | os.PathLike, energy_eV: np.ndarray, target: np.ndar
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if target is not None:
         ax.plot(energy_eV, target, color="black", lw=2.2, label="target")
+        if target_band is not None:
+            ax.fill_between(energy_eV, target - target_band, target + target_band, color="0.6",
+                            alpha=0.35, lw=0, label="± validator's held-out error")
     colors = plt.cm.viridis(np.linspace(0.1, 0.85, max(len(predicted), 1)))
     for mean, std, label, color in zip(predicted, predicted_std, labels, colors):
         ax.plot(energy_eV, mean, color=color, lw=1.2, label=label)

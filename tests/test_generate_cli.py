@@ -132,6 +132,23 @@ def test_guided_memory_estimate_follows_the_guide():
         assert (guided_step_mb_per_atom(guide) < 1.0) is expected, name
 
 
+def test_report_quotes_the_validators_held_out_error_when_it_is_measured(tiny_models, tmp_path):
+    import shutil
+
+    from xanesdiff.forward.heldout_error import fit_heldout_error, save_heldout_error
+
+    validator = tmp_path / "validator.pt"
+    shutil.copy(tiny_models / "guide.pt", validator)
+    errors = {"a": np.full((2, 100), 0.004), "b": np.full((3, 100), -0.008)}
+    save_heldout_error(validator, fit_heldout_error(errors, np.linspace(275, 313, 100)))
+    target = REPO / "examples" / "target_rho2.5.csv"
+    run_generate(tiny_models, tmp_path / "run", f"target={target}", "n=1", "density=2.5",
+                 f"models.validator={validator}")
+    summary = json.loads((tmp_path / "run" / "report.json").read_text())["summary"]
+    assert summary["validator_heldout_mae"] == pytest.approx(0.006)
+    assert (tmp_path / "run" / "spectra.png").stat().st_size > 10_000
+
+
 def test_large_cell_advice_names_the_faster_settings_on_the_cpu_only(caplog):
     from types import SimpleNamespace
 
