@@ -120,6 +120,7 @@ class Surrogate(nn.Module):
         self._absorber = str(absorber)
         self.absorber_number = int(atomic_numbers[self._absorber])
         self.config = copy.deepcopy(config or {})
+        self.heldout_error = None  # a HeldOutError, when measured for the checkpoint it came from
 
     @property
     def grid(self) -> EnergyGrid:
@@ -298,8 +299,11 @@ def load_surrogate(path: str | os.PathLike | None = None, device: str | torch.de
 
     The M3GNet backbone is resolved with `resolve_asset` (the checkpoint's explicit path, else
     `$XANESDIFF_ASSETS`, else the user cache); `backbone_path` overrides it. The returned module
-    is in eval mode with frozen parameters; gradients flow to positions and cell.
+    is in eval mode with frozen parameters; gradients flow to positions and cell. Its
+    `heldout_error` is the checkpoint's measured held-out error (`forward.heldout_error`), or None.
     """
+    from xanesdiff.forward.heldout_error import load_heldout_error
+
     path = surrogate_checkpoint_path(path)
     if not path.exists():
         raise XanesdiffInputError(
@@ -310,7 +314,9 @@ def load_surrogate(path: str | os.PathLike | None = None, device: str | torch.de
     except Exception as exc:  # torch raises many types for a non-checkpoint file
         raise XanesdiffInputError(
             f"could not be read as a checkpoint ({type(exc).__name__}: {exc})", str(path)) from None
-    return surrogate_from_checkpoint(ckpt, str(path), backbone_path, device)
+    surrogate = surrogate_from_checkpoint(ckpt, str(path), backbone_path, device)
+    surrogate.heldout_error = load_heldout_error(path, surrogate.grid.n_points)
+    return surrogate
 
 
 def build_surrogate(featurizer: dict | nn.Module | None, head: dict | None, grid: EnergyGrid,

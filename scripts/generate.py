@@ -64,8 +64,7 @@ def run(cfg: DictConfig) -> dict:
 
     from xanesdiff.analysis.plots import plot_structure_report
     from xanesdiff.analysis.structure import density_g_cm3, structure_report
-    from xanesdiff.forward.heldout_error import load_heldout_error
-    from xanesdiff.forward.surrogate import load_surrogate, surrogate_checkpoint_path
+    from xanesdiff.forward.surrogate import load_surrogate
     from xanesdiff.guidance.report import (plot_density_scan, plot_spectra, write_extxyz,
                                            write_json)
     from xanesdiff.guidance.target import load_target
@@ -86,8 +85,6 @@ def run(cfg: DictConfig) -> dict:
     surrogate = load_surrogate(cfg.models.surrogate, device=device)
     _advise_fast_guide(int(cfg.n_atoms), surrogate, device)
     validator = _load_validator(cfg.models.validator, cfg.models.surrogate, surrogate)
-    validator_error = load_heldout_error(surrogate_checkpoint_path(cfg.models.validator),
-                                         validator.grid.n_points)
     judge = _load_judge(cfg.models.judge, load_surrogate, device)
     prior = load_configured_prior(cfg, device)
     target = None
@@ -193,7 +190,8 @@ def run(cfg: DictConfig) -> dict:
                  [p for p, _ in shown.values()], [s for _, s in shown.values()],
                  [name.replace("_", " ") for name in shown],
                  title=f"{len(frames)} structures at {density:.2f} g/cm³",
-                 target_band=None if validator_error is None else validator_error.rms)
+                 target_band=None if validator.heldout_error is None else
+                 validator.heldout_error.rms)
     columns = {} if target is None else {"target": target.spectrum}
     columns.update({name: p for name, (p, _) in shown.items()})
     write_spectra_csv(out / "spectra.csv", grid, columns)
@@ -204,9 +202,9 @@ def run(cfg: DictConfig) -> dict:
         row.update(structure["per_structure"][i])
         per_structure.append(row)
     summary = {"density_g_cm3": density, "n_structures": len(frames)}
-    if validator_error is not None:  # what a perfect structure's prediction could still be off by
+    if validator.heldout_error is not None:  # how far a perfect structure's prediction can be
         summary["validator_heldout_mae"] = float(np.mean(
-            list(validator_error.network_mae.values())))
+            list(validator.heldout_error.network_mae.values())))
     if target is not None:
         mean_pred = np.mean(predicted, axis=0)
         summary["mean_prediction_match"] = spectral_match(mean_pred, target.spectrum)

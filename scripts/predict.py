@@ -61,17 +61,16 @@ def _safe_stem(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem) or "structure"
 
 
-def predict_file(surrogate, path: Path, out: Path, per_site: bool, plot: bool, progress,
-                 heldout=None) -> list:
-    """Predict every frame of `path`; returns [(column name, mean spectrum)]. `heldout`: the
-    checkpoint's `HeldOutError`, if measured (adds the held-out band)."""
+def predict_file(surrogate, path: Path, out: Path, per_site: bool, plot: bool, progress) -> list:
+    """Predict every frame of `path`; returns [(column name, mean spectrum)]. With the
+    checkpoint's held-out error measured (`surrogate.heldout_error`), adds the held-out band."""
     import numpy as np
 
     from xanesdiff.datasets.spectra_io import write_spectra_csv
     from xanesdiff.datasets.structures import read_structures
 
     frames = read_structures(path)
-    energies = surrogate.grid.energies_eV
+    energies, heldout = surrogate.grid.energies_eV, surrogate.heldout_error
     stem = _safe_stem(path)
     rows, bands = [], []
     for k, atoms in enumerate(frames):
@@ -131,8 +130,7 @@ def run(cfg: DictConfig) -> dict:
     from xanesdiff.datasets.errors import XanesdiffInputError
     from xanesdiff.datasets.spectra_io import write_spectra_csv
     from xanesdiff.datasets.structures import read_structures
-    from xanesdiff.forward.heldout_error import load_heldout_error
-    from xanesdiff.forward.surrogate import load_surrogate, surrogate_checkpoint_path
+    from xanesdiff.forward.surrogate import load_surrogate
     from xanesdiff.runtime import resolve_device
 
     if cfg.threads:
@@ -147,15 +145,13 @@ def run(cfg: DictConfig) -> dict:
     n_frames = sum(len(read_structures(p)) for p in paths)  # validates every file up front
     surrogate = load_surrogate(cfg.checkpoint, device=resolve_device(cfg.device),
                                backbone_path=cfg.backbone_path)
-    heldout = load_heldout_error(surrogate_checkpoint_path(cfg.checkpoint),
-                                 surrogate.grid.n_points)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
     with tqdm(total=n_frames, desc="predict", unit="frame", disable=None) as progress:
         for p in paths:
             for name, mean in predict_file(surrogate, p, out, bool(cfg.per_site), bool(cfg.plot),
-                                           progress, heldout):
+                                           progress):
                 summary[name] = mean
     write_spectra_csv(out / "summary.csv", surrogate.grid.energies_eV, summary)
     print(f"predicted {len(summary)} frame(s) from {len(paths)} file(s) -> {out}")
