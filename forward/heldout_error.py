@@ -80,8 +80,7 @@ def heldout_error_path(checkpoint: str | os.PathLike) -> Path:
 
 def save_heldout_error(checkpoint: str | os.PathLike, error: HeldOutError) -> Path:
     """Write `error` beside `checkpoint` (atomically), stamped with the checkpoint's SHA-256."""
-    from xanesdiff.datasets.spectra_io import atomic_write_text
-    from xanesdiff.library.plan import file_sha256
+    from xanesdiff.datasets.spectra_io import atomic_write_text, file_sha256
 
     error.checkpoint_sha256 = file_sha256(checkpoint)
     payload = {key: (value.tolist() if isinstance(value, np.ndarray) else value)
@@ -94,7 +93,7 @@ def save_heldout_error(checkpoint: str | os.PathLike, error: HeldOutError) -> Pa
 def load_heldout_error(checkpoint: str | os.PathLike, n_energies: int) -> HeldOutError | None:
     """The held-out error measured for `checkpoint`; None when there is none, or (with a
     warning) when it was measured for other weights than the file now holds."""
-    from xanesdiff.library.plan import file_sha256
+    from xanesdiff.datasets.spectra_io import file_sha256
 
     path = heldout_error_path(checkpoint)
     if not path.exists():

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xanesdiff.datasets.errors import XanesdiffInputError
-from xanesdiff.library.plan import file_sha256
+from xanesdiff.datasets.spectra_io import file_sha256
 
 _LOADED: dict = {}
 """Checkpoint-loaded models by (kind, path, sha256): hydra multirun jobs in one process share them."""

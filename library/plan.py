@@ -24,19 +24,12 @@ from pathlib import Path
 from typing import Iterable
 
 from xanesdiff.datasets.errors import XanesdiffInputError
+from xanesdiff.datasets.spectra_io import file_sha256
 
 GUIDANCE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "guidance"
 PLAN_FIELDS = {"targets", "densities", "steers", "n_atoms", "seeds", "n_seeds", "seed_start",
                "items"}
 ITEM_FIELDS = {"target", "density", "steer", "seed", "n_atoms"}
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
