@@ -14,6 +14,8 @@ class SpectrumLikelihood(GuidanceTerm):
     S̄ is the ensemble mean of the surrogate's mean-over-sites spectrum, Var_k its spread over
     ensemble members (noise-aware: points where the surrogate is unsure pull less). `sigma_obs`
     is the target's own noise (spectrum units); `site_mask` restricts the mean to chosen sites.
+    `heldout_weight` w > 0 adds w·rms² to the denominator, rms the guide's measured held-out error
+    per energy (`surrogate.heldout_error`): points where it errs on new networks pull less.
     The energy is weighted by (absorbing sites) / `reference_atoms` (see `GuidanceTerm`).
     """
 
@@ -21,11 +23,12 @@ class SpectrumLikelihood(GuidanceTerm):
 
     def __init__(self, surrogate=None, target=None, sigma_obs: float = 0.01,
                  ensemble_weight: float = 1.0, schedule=None, site_mask=None,
-                 reference_atoms: int | None = 216):
+                 reference_atoms: int | None = 216, heldout_weight: float = 0.0):
         super().__init__(schedule, reference_atoms)
         self.surrogate = surrogate
         self.sigma_obs = float(sigma_obs)
         self.ensemble_weight = float(ensemble_weight)
+        self.heldout_weight = float(heldout_weight)
         self.site_mask = site_mask
         self.target = None if target is None else torch.as_tensor(np.asarray(target),
                                                                   dtype=torch.float32)
@@ -40,6 +43,13 @@ class SpectrumLikelihood(GuidanceTerm):
     def observed_sites(self, numbers):
         return absorbing_sites(self.surrogate, numbers, self.site_mask)
 
+    def _heldout_variance(self) -> torch.Tensor:
+        error = getattr(self.surrogate, "heldout_error", None)
+        if error is None:
+            raise RuntimeError("heldout_weight > 0 needs a guide whose held-out error is measured "
+                               "(python -m xanesdiff.scripts.calibrate_forward --checkpoint …)")
+        return torch.as_tensor(error.rms ** 2)
+
     def energy(self, x0_A, cell_A, numbers):
         if self.surrogate is None or self.target is None:
             raise RuntimeError("SpectrumLikelihood needs bind(surrogate, target) before sampling")
@@ -48,6 +58,8 @@ class SpectrumLikelihood(GuidanceTerm):
         mean = members.mean(0)
         var = members.var(0, unbiased=False) if members.shape[0] > 1 else torch.zeros_like(mean)
         variance = self.sigma_obs ** 2 + self.ensemble_weight * var.detach()
+        if self.heldout_weight:
+            variance = variance + self.heldout_weight * self._heldout_variance().to(variance)
         energy = 0.5 * ((mean - target) ** 2 / variance).sum()
         return energy, {"mae": float((mean - target).abs().mean().detach())}
 

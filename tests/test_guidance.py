@@ -59,6 +59,28 @@ def test_term_contribution_is_minus_energy_gradient(make_term):
     assert np.isfinite(log["energy"])
 
 
+def test_spectrum_likelihood_can_count_the_guides_held_out_error_as_noise():
+    """heldout_weight w adds w·rms² per energy point to the variance: points where the guide is
+    known to err on new networks pull less. Without a measured error it is refused."""
+    from xanesdiff.forward.heldout_error import HeldOutError
+
+    surrogate = ToySurrogate()
+    pos, cell, numbers = random_carbon(16, seed=1)
+    members = surrogate.mean_spectrum(pos, cell, numbers)
+    target = members.mean(0).detach() + 0.02
+    rms = np.linspace(0.0, 0.05, TOY_GRID.n_points)
+    surrogate.heldout_error = HeldOutError(TOY_GRID.energies_eV, rms)
+    variance = 0.01 ** 2 + members.var(0, unbiased=False)
+    for weight in (0.0, 2.0):
+        term = SpectrumLikelihood(surrogate, target, sigma_obs=0.01, heldout_weight=weight)
+        expected = 0.5 * ((members.mean(0) - target) ** 2
+                          / (variance + weight * torch.as_tensor(rms ** 2))).sum()
+        assert float(term.energy(pos, cell, numbers)[0]) == pytest.approx(float(expected))
+    surrogate.heldout_error = None
+    with pytest.raises(RuntimeError, match="held-out error is measured"):
+        SpectrumLikelihood(surrogate, target, heldout_weight=1.0).energy(pos, cell, numbers)
+
+
 def _supercell(pos, cell, numbers, reps=2):
     shifts = torch.tensor([[a, b, c] for a in range(reps) for b in range(reps)
                            for c in range(reps)], dtype=pos.dtype) @ cell
