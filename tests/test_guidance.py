@@ -380,3 +380,19 @@ def test_edit_keeps_the_start_at_small_noise_and_moves_it_toward_the_guidance():
     silicon.numbers[:] = 14
     with pytest.raises(XanesdiffInputError, match="samples C only"):
         generator.edit(silicon, 0.1, seed=0)
+
+
+def test_guided_fidelity_benchmark_writes_the_rows_of_the_settings_it_is_given(tmp_path):
+    import json
+
+    from xanesdiff.scripts.benchmark_guided_fidelity import main
+
+    out = tmp_path / "fidelity.json"
+    overrides = ["models.surrogate=fast", "sampler.n_steps=2", "sampler.final_corrector_steps=0"]
+    assert main([str(out), *overrides, "--densities", "2.0", "--n-samples", "1"]) == 0
+    result = json.loads(out.read_text())
+    assert result["overrides"] == overrides and "sampler.n_steps=2" in result["command"]
+    (row,) = result["rows"].values()
+    assert abs(row["density"] - 2.0) < 0.05  # the network's own density
+    assert 0 <= row["sp3_err"] <= 1 and 0 <= row["cn1"] <= 1 and row["dmin"] > 0
+    assert np.isfinite([row["mae"], row["judge_mae"]]).all() and row["mae"] > 0  # (2 steps: poor)
