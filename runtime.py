@@ -154,6 +154,18 @@ def resolve_device(name="auto"):
     return device
 
 
+def lightning_trainer_options(options: dict) -> dict:
+    """Trainer options with `accelerator: auto` read as `device=auto` is: a CUDA GPU when torch
+    sees one, else the CPU (Lightning's own `auto` would also pick Apple's MPS, where the e3nn
+    and M3GNet models are not tested)."""
+    import torch
+
+    options = dict(options)
+    if str(options.get("accelerator", "auto")) == "auto":
+        options["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"
+    return options
+
+
 def device_memory_mb(device=None) -> float | None:
     """Memory (MB) of the device a tensor lives on: the GPU's for CUDA, else the machine's."""
     if device is not None and getattr(device, "type", str(device)) == "cuda":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from xanesdiff.runtime import lightning_trainer_options
 from xanesdiff.scripts._hydra import hydra_app
 
 
@@ -66,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
         max_epochs=train_cfg.max_epochs, callbacks=[checkpointing], num_sanity_val_steps=0,
         logger=L.pytorch.loggers.CSVLogger(str(out_dir), name="logs"),
         enable_progress_bar=bool(cfg.progress), enable_model_summary=False,
-        **OmegaConf.to_container(cfg.trainer, resolve=True))
+        **lightning_trainer_options(OmegaConf.to_container(cfg.trainer, resolve=True)))
     ckpt = cfg.ckpt_path
     if ckpt == "auto":
         last = out_dir / "checkpoints" / "last.ckpt"

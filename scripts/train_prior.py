@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from xanesdiff.runtime import lightning_trainer_options
 from xanesdiff.scripts._hydra import hydra_app
 
 
@@ -135,7 +136,7 @@ def run(cfg: DictConfig) -> dict:
         max_steps=tr.max_steps, max_time=tr.max_time, enable_checkpointing=False,
         logger=L.pytorch.loggers.CSVLogger(str(out_dir), name="logs"),
         callbacks=[exporter, EpochCounter()], enable_progress_bar=False,
-        **OmegaConf.to_container(cfg.trainer, resolve=True))
+        **lightning_trainer_options(OmegaConf.to_container(cfg.trainer, resolve=True)))
     ckpt = cfg.resume
     if ckpt == "auto":
         ckpt = str(out_dir / "last.ckpt") if (out_dir / "last.ckpt").exists() else None

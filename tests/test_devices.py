@@ -12,7 +12,7 @@ from guidance_toys import tiny_prior
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.diffusion.samplers import PredictorCorrector, gaussian_like
 from xanesdiff.diffusion.sampling import sample_structures
-from xanesdiff.runtime import resolve_device
+from xanesdiff.runtime import lightning_trainer_options, resolve_device
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
@@ -29,6 +29,16 @@ def test_auto_picks_the_gpu_only_when_torch_sees_one_and_bad_names_are_refused(m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda")
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+def test_training_reads_accelerator_auto_as_a_cuda_gpu_or_the_cpu(monkeypatch):
+    options = {"accelerator": "auto", "devices": 1, "precision": 32}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert lightning_trainer_options(options) == {**options, "accelerator": "cpu"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert lightning_trainer_options(options)["accelerator"] == "gpu"
+    assert lightning_trainer_options({"accelerator": "cpu"}) == {"accelerator": "cpu"}
+    assert options["accelerator"] == "auto"  # the caller's mapping is left alone
 
 
 def test_noise_is_drawn_by_the_cpu_generator_whatever_the_device_of_the_positions():
