@@ -66,7 +66,7 @@ def keep_freed_memory() -> bool:
     return _kept
 
 
-def fit_kept_memory(expected_mb: float, budget_fraction: float = 0.8) -> bool:
+def fit_kept_memory(expected_mb: float, budget_fraction: float = 0.8, device=None) -> bool:
     """Give up `keep_freed_memory`'s speed where its fragmented heap would not fit.
 
     `expected_mb` is the run's working set without kept memory. When it times
@@ -75,9 +75,12 @@ def fit_kept_memory(expected_mb: float, budget_fraction: float = 0.8) -> bool:
     threshold): steps get slower (×2.3 for a guided 3000-atom step on the dev VM), peak memory
     is the working set. Returns True when it switched (only after `keep_freed_memory` was applied). Fresh maps
     cost far less with transparent huge pages, which glibc uses when the process starts with
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (it cannot be switched on later).
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (it cannot be switched on later). A working set on a
+    GPU (`device` other than the CPU) is not in this heap: nothing to fit.
     """
     global _kept, _fitted_mb
+    if device is not None and getattr(device, "type", str(device)) != "cpu":
+        return False
     if not _kept or expected_mb <= _fitted_mb:  # the heap kept for a size that fitted is reused
         return False
     available_mb = _available_mb()
@@ -158,11 +161,9 @@ def lightning_trainer_options(options: dict) -> dict:
     """Trainer options with `accelerator: auto` read as `device=auto` is: a CUDA GPU when torch
     sees one, else the CPU (Lightning's own `auto` would also pick Apple's MPS, where the e3nn
     and M3GNet models are not tested)."""
-    import torch
-
     options = dict(options)
     if str(options.get("accelerator", "auto")) == "auto":
-        options["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"
+        options["accelerator"] = "gpu" if resolve_device("auto").type == "cuda" else "cpu"
     return options
 
 

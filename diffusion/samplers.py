@@ -96,9 +96,6 @@ class Sampler:
             return self.low_noise_scale
         return self.noise_scale
 
-    def _noise(self, pos, generator):
-        return gaussian_like(pos, generator)
-
     # --- building blocks ---------------------------------------------------------------------
     def em_step(self, pos, score_fn, wrap_fn, t, t_next, generator, add_noise=True):
         """One Euler–Maruyama step of the reverse SDE dx = [f − g² s] dt + g dW̄ from t to t_next."""
@@ -107,7 +104,7 @@ class Sampler:
         score = self._score(score_fn, pos, t)
         pos = pos - self.schedule.drift(pos, t) * dt + g2 * dt * score
         if add_noise:
-            pos = pos + self.noise_scale_at(t) * (g2 * dt) ** 0.5 * self._noise(pos, generator)
+            pos = pos + self.noise_scale_at(t) * (g2 * dt) ** 0.5 * gaussian_like(pos, generator)
         return wrap_fn(pos)
 
     def langevin_step(self, pos, score_fn, wrap_fn, t, generator):
@@ -117,7 +114,7 @@ class Sampler:
         where the score is nearly zero (the rule alone would diverge there, most readily at
         low temperature, whose smaller noise lets the walker settle on such points)."""
         score = self._score(score_fn, pos, t)
-        z = self._noise(pos, generator)
+        z = gaussian_like(pos, generator)
         step = 2 * (self.corrector_snr * z.norm() / score.norm().clamp_min(1e-12)) ** 2
         step = torch.clamp(step, max=self.schedule.sigma(t) ** 2)
         return wrap_fn(pos + step * score + self.noise_scale_at(t) * (2 * step) ** 0.5 * z)
@@ -257,7 +254,7 @@ class RestartSampler(Sampler):
         extra_sd = (self.schedule.sigma(t_restart) ** 2
                     - self.schedule.sigma(self.t_end) ** 2) ** 0.5
         for r in range(self.n_restarts):
-            pos = wrap_fn(pos + extra_sd * self._noise(pos, generator))
+            pos = wrap_fn(pos + extra_sd * gaussian_like(pos, generator))
             pos = self.base.run(pos, counted, wrap_fn, generator, t_restart, n_restart_steps)
             _check_finite(pos, f"restart round {r}")
         return pos

@@ -104,7 +104,8 @@ def load_heldout_error(checkpoint: str | os.PathLike, n_energies: int) -> HeldOu
                                 "rms": np.asarray(payload["rms"], float)})
     except (ValueError, TypeError, KeyError) as exc:
         raise XanesdiffInputError(f"not a held-out error file ({type(exc).__name__}: {exc}); "
-                                  "rewrite it with scripts/calibrate_forward.py", str(path)) from None
+                                  "rewrite it with scripts/calibrate_forward.py",
+                                  str(path)) from None
     if error.rms.shape != (n_energies,) or error.energies_eV.shape != (n_energies,):
         raise XanesdiffInputError(f"rms and energies_eV must hold {n_energies} values (the "
                                   f"checkpoint's grid), got {error.rms.shape[0]} and "

@@ -123,8 +123,8 @@ class GuidedGenerator:
         n, cell_t = len(pos), torch.as_tensor(cell, dtype=self.prior.dtype, device=device)
         numbers = torch.full((n,), atomic_numbers[self.element], dtype=torch.long, device=device)
         terms = self.terms if guided else []
-        if terms and device.type == "cpu":  # the host's heap; a GPU's working set is its own
-            fit_kept_memory(n * guided_step_mb_per_atom(self.surrogate))
+        if terms:
+            fit_kept_memory(n * guided_step_mb_per_atom(self.surrogate), device=device)
         score_fn = GuidedScore(self.prior, cell_t, numbers, terms, self.through_denoiser,
                                self.max_ratio, self.refresh_every)
         self.prior.neighbors.clear()

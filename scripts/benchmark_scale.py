@@ -81,9 +81,8 @@ def measure_point(n_atoms: int, guided: bool, repeats: int, prior_name: str = "d
         from xanesdiff.guidance.spectrum import SpectrumLikelihood
         from xanesdiff.runtime import fit_kept_memory, memory_kept
 
-        if device.type == "cpu":  # as GuidedGenerator does (M3GNet)
-            fit_kept_memory(n_atoms * GUIDED_STEP_MB_PER_ATOM)
-            result["large_blocks_mapped"] = not memory_kept()
+        fit_kept_memory(n_atoms * GUIDED_STEP_MB_PER_ATOM, device=device)  # as GuidedGenerator
+        result["large_blocks_mapped"] = not memory_kept()
 
         for name, key in (("default", "guided_step_s"), ("fast", "fast_guided_step_s")):
             surrogate = load_surrogate(name, device=device)

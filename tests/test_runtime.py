@@ -41,6 +41,8 @@ import ctypes, sys
 from xanesdiff.runtime import fit_kept_memory, keep_freed_memory
 keep_freed_memory()
 fits = fit_kept_memory(1.0)             # 1 MB: keeps the setting
+on_gpu = fit_kept_memory(float(1 << 40), device="cuda")  # not in this heap: keeps the setting
+assert on_gpu is False
 switched = fit_kept_memory(float(1 << 40))  # 1 TB: cannot fit, large blocks are mapped again
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
