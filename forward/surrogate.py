@@ -202,14 +202,6 @@ class Surrogate(nn.Module):
             raise XanesdiffInputError("site_mask selects no absorbing site")
         return torch.einsum("knm,n->km", spectra, weights) / total
 
-    @torch.no_grad()
-    def predict_atoms(self, atoms) -> np.ndarray:
-        """(K, N_abs, M) float numpy spectra of an ASE `Atoms` (no gradients)."""
-        dtype, device = self.head.feature_mean.dtype, self.device
-        return self.site_spectra(torch.tensor(atoms.positions, dtype=dtype, device=device),
-                                 torch.tensor(atoms.cell.array, dtype=dtype, device=device),
-                                 torch.tensor(atoms.numbers, device=device)).cpu().numpy()
-
     # -- checkpoints -----------------------------------------------------------------------
     def checkpoint_dict(self) -> dict:
         """Everything needed to rebuild this surrogate (the M3GNet backbone weights are an asset,
@@ -290,6 +282,18 @@ def _with_backbone_path(cfg: dict, path: str) -> dict:
     elif cfg.get("type") == "concat":
         cfg["parts"] = [_with_backbone_path(part, path) for part in cfg["parts"]]
     return cfg
+
+
+def predict_sites(surrogate, atoms) -> np.ndarray:
+    """Ensemble members' per-site spectra (K, N_abs, M) of an ASE structure, as numpy, without
+    gradients; computed on the surrogate's device (any object with `site_spectra` will do)."""
+    device = getattr(surrogate, "device", "cpu")
+    with torch.no_grad():
+        sites = surrogate.site_spectra(
+            torch.tensor(atoms.positions, dtype=torch.float64, device=device),
+            torch.tensor(atoms.cell.array, dtype=torch.float64, device=device),
+            torch.tensor(atoms.numbers, device=device))
+    return sites.cpu().numpy()
 
 
 def load_surrogate(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",

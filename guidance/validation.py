@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from xanesdiff.forward.surrogate import predict_sites
+
 
 def spectral_match(predicted: np.ndarray, target: np.ndarray) -> dict:
     """MAE, Spearman rank correlation and cosine similarity of two spectra on one grid."""
@@ -14,18 +16,6 @@ def spectral_match(predicted: np.ndarray, target: np.ndarray) -> dict:
     return {"mae": float(np.abs(predicted - target).mean()),
             "spearman": float(spearmanr(predicted, target).statistic),
             "cosine": cosine}
-
-
-def predict_sites(surrogate, atoms) -> np.ndarray:
-    """Ensemble members' per-site spectra (K, N_abs, M) of an ASE structure, computed on the
-    surrogate's device."""
-    device = getattr(surrogate, "device", "cpu")
-    with torch.no_grad():
-        sites = surrogate.site_spectra(
-            torch.tensor(atoms.positions, dtype=torch.float32, device=device),
-            torch.tensor(atoms.cell.array, dtype=torch.float32, device=device),
-            torch.tensor(atoms.numbers, device=device))
-    return sites.cpu().numpy()
 
 
 def predict_members(surrogate, atoms) -> np.ndarray:

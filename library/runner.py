@@ -212,7 +212,7 @@ def _jsonable(value):
 
 
 def _site_spectra(atoms, surrogate) -> dict:
-    from xanesdiff.guidance.validation import predict_sites
+    from xanesdiff.forward.surrogate import predict_sites
 
     absorber = getattr(surrogate, "absorber", "C")
     indices = np.array([k for k, s in enumerate(atoms.get_chemical_symbols()) if s == absorber])

@@ -47,9 +47,11 @@ def evaluate(surrogate, frames) -> dict:
     """Per-network metrics (means over frames) plus the per-frame values."""
     from scipy.stats import spearmanr
 
+    from xanesdiff.forward.surrogate import predict_sites
+
     per_frame = []
     for frame in frames:
-        members = surrogate.predict_atoms(frame.atoms)          # (K, N, M)
+        members = predict_sites(surrogate, frame.atoms)          # (K, N, M)
         sites = members.mean(0)
         mean_members = members.mean(1)                          # (K, M)
         mean = mean_members.mean(0)
@@ -143,16 +145,16 @@ def throughput(dataset, threads: int, log) -> dict:
 
     import torch
 
-    from xanesdiff.forward.surrogate import load_surrogate
+    from xanesdiff.forward.surrogate import load_surrogate, predict_sites
 
     torch.set_num_threads(threads)
     surrogate = load_surrogate()
     frames = dataset.frames
-    surrogate.predict_atoms(frames[0].atoms)  # warm-up
+    predict_sites(surrogate, frames[0].atoms)  # warm-up
     start = time.perf_counter()
     n_sites = 0
     for frame in frames:
-        n_sites += surrogate.predict_atoms(frame.atoms).shape[1]
+        n_sites += predict_sites(surrogate, frame.atoms).shape[1]
     sites_per_s = n_sites / (time.perf_counter() - start)
 
     def fwd_bwd(atoms, repeats):

@@ -16,7 +16,7 @@ import numpy as np
 from xanesdiff.datasets.assets import resolve_asset
 from xanesdiff.datasets.spectra_io import atomic_write_text
 from xanesdiff.datasets.structures import read_structures
-from xanesdiff.forward.surrogate import load_surrogate
+from xanesdiff.forward.surrogate import load_surrogate, predict_sites
 
 
 def main(argv=None) -> None:
@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     atoms = read_structures(resolve_asset("data/a-C") / "structures" / f"{args.frame}.vasp")[0]
     surrogate = load_surrogate(args.checkpoint)
-    spectrum = surrogate.predict_atoms(atoms)
+    spectrum = predict_sites(surrogate, atoms)
     spectrum = np.asarray(spectrum).reshape(-1, surrogate.grid.n_points).mean(0)
     lines = [f"# predicted C K-edge XANES of a-C frame {args.frame} "
              f"({len(atoms)} atoms, {atoms.get_volume():.1f} A^3) by the xanesdiff default surrogate",

@@ -68,13 +68,14 @@ def predict_file(surrogate, path: Path, out: Path, per_site: bool, plot: bool, p
 
     from xanesdiff.datasets.spectra_io import write_spectra_csv
     from xanesdiff.datasets.structures import read_structures
+    from xanesdiff.forward.surrogate import predict_sites
 
     frames = read_structures(path)
     energies, heldout = surrogate.grid.energies_eV, surrogate.heldout_error
     stem = _safe_stem(path)
     rows, bands = [], []
     for k, atoms in enumerate(frames):
-        members = surrogate.predict_atoms(atoms)          # (K, N_abs, M)
+        members = predict_sites(surrogate, atoms)          # (K, N_abs, M)
         member_means = members.mean(1)                     # (K, M)
         mean, std = member_means.mean(0), member_means.std(0)
         name = f"{stem}_{k:04d}"
