@@ -128,8 +128,10 @@ def run(cfg: DictConfig) -> dict:
             density, scan = search.run(generator, target.spectrum, progress=tqdm)
             write_json(scan_path, {"inferred_density_g_cm3": density, "scan": scan})
         plot_density_scan(out / "density_scan.png", scan, density)
-        report["density"] = {"inferred_g_cm3": density, "method": cfg.density_search._target_,
-                             "scan": scan}
+        report["density"] = {  # the dense interpolated curve is in density_scan.json only
+            "inferred_g_cm3": density, "method": cfg.density_search._target_,
+            "scan": [row for row in scan if row.get("stage") != "interpolated"],
+            "scan_file": scan_path.name}
     else:
         report["density"] = {"given_g_cm3": density}
 

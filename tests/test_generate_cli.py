@@ -177,7 +177,11 @@ def test_generate_infers_density_and_steers_without_target(tiny_models, tmp_path
     # the example target is a prediction for a frame of the 2.49 g/cm³ network
     assert report["density"]["method"].endswith("ReferenceDensity")
     assert abs(report["density"]["inferred_g_cm3"] - 2.49) < 0.15
-    assert {s["stage"] for s in report["density"]["scan"]} == {"interpolated", "references"}
+    # the report lists the reference networks' matches; the interpolated curve is in its file
+    assert {s["stage"] for s in report["density"]["scan"]} == {"references"}
+    curve = json.loads((out / report["density"]["scan_file"]).read_text())
+    assert {s["stage"] for s in curve["scan"]} == {"interpolated", "references"}
+    assert curve["inferred_density_g_cm3"] == report["density"]["inferred_g_cm3"]
     assert (out / "density_scan.png").exists()
 
     # the other method into the same folder: overwrite drops the first request's inferred density
