@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from xanesdiff.datasets.errors import XanesdiffInputError
+from xanesdiff.diffusion.fidelity_record import FidelityRecord, load_fidelity_record
 from xanesdiff.diffusion.hard_core import HardCoreScore
 from xanesdiff.diffusion.neighbors import NeighborListCache
 from xanesdiff.diffusion.schedule import VESchedule, schedule_from_config
@@ -36,6 +37,7 @@ class DiffusionPrior:
         self.cutoff_A = float(score_model.cutoff_A)
         self.neighbors = NeighborListCache(self.cutoff_A, skin_A)
         self.metadata = dict(metadata or {})
+        self.fidelity: FidelityRecord | None = None  # what its benchmark measured, if recorded
 
     @property
     def dtype(self) -> torch.dtype:
@@ -167,5 +169,7 @@ def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0,
     model.load_state_dict(learned_state(payload["state_dict"]))
     schedule = schedule_from_config(payload["schedule"])
     hard_core = HardCoreScore(hard_core_A) if hard_core_A is not None else None
-    return DiffusionPrior(model, schedule, skin_A=skin_A, metadata=payload.get("metadata"),
-                          hard_core=hard_core).to(device)
+    prior = DiffusionPrior(model, schedule, skin_A=skin_A, metadata=payload.get("metadata"),
+                           hard_core=hard_core).to(device)
+    prior.fidelity = load_fidelity_record(path)
+    return prior

@@ -2,6 +2,9 @@
 
     python -m xanesdiff.scripts.benchmark_prior                      # full table (8 × 216 atoms)
     python -m xanesdiff.scripts.benchmark_prior --n-samples 2 --densities 2.49   # quick look
+    python -m xanesdiff.scripts.benchmark_prior --record-from benchmarks/prior.json
+        # the misses of a result, beside its checkpoint (<checkpoint>.fidelity.json), for
+        # `sample` and `generate` to warn from (`--record` does it at the end of a run)
 
 For each training network: sample at its density, compare with that network's frames. Leave-out:
 the prior trained without the 2.5 g/cm³ network, sampled at 2.49 g/cm³, against that network.
@@ -98,6 +101,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def record(result: dict) -> Path:
+    """Write the misses of `result` beside the checkpoint it measured (`fidelity_record`)."""
+    import xanesdiff
+    from xanesdiff.diffusion.fidelity_record import fidelity_from_benchmark, save_fidelity_record
+
+    checkpoint = Path(result["checkpoint"])
+    if not checkpoint.is_absolute():  # recorded relative to the project root, or a bare name
+        root = Path(xanesdiff.PACKAGE_ROOT)
+        checkpoint = next((c for c in (root / checkpoint, root / "checkpoints" / checkpoint)
+                           if c.exists()), root / checkpoint)
+    if not checkpoint.exists():
+        raise SystemExit(f"the measured checkpoint {result['checkpoint']} does not exist here")
+    return save_fidelity_record(checkpoint, fidelity_from_benchmark(result))
+
+
 def _as_recorded(path: str | Path) -> str:
     """`path` relative to the project root when it lies inside it, so the JSON reads the same on
     every machine (the shipped checkpoints resolve to absolute paths)."""
@@ -136,10 +154,19 @@ def main(argv=None) -> int:
     p.add_argument("--no-leave-out", action="store_true")
     p.add_argument("--save-samples", default=None, metavar="DIR",
                    help="also write the sampled structures, DIR/rho<density>.extxyz")
+    p.add_argument("--record", action="store_true",
+                   help="also write the result's misses beside the checkpoint "
+                        "(<checkpoint>.fidelity.json), which sample and generate warn from")
+    p.add_argument("--record-from", default=None, metavar="RESULT_JSON",
+                   help="only write that record, from an earlier result of this benchmark")
     p.add_argument("--merge", nargs="*", default=None,
                    help="combine partial result JSONs (e.g. from parallel runs over densities) "
                         "into --out and its .md instead of sampling")
     args = p.parse_args(argv)
+    if args.record_from:
+        result = json.loads(Path(args.record_from).read_text())
+        print(f"wrote {record(result)}")
+        return 0
     if args.merge:
         from xanesdiff.datasets.spectra_io import atomic_write_text
 
@@ -158,6 +185,8 @@ def main(argv=None) -> int:
         atomic_write_text(Path(args.out), json.dumps(merged, indent=1))
         atomic_write_text(Path(args.out).with_suffix(".md"), markdown(merged))
         print(markdown(merged))
+        if args.record:
+            print(f"wrote {record(merged)}")
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,6 +237,8 @@ def main(argv=None) -> int:
     atomic_write_text(out, json.dumps(result, indent=1))
     atomic_write_text(out.with_suffix(".md"), markdown(result))
     print(markdown(result))
+    if args.record:
+        print(f"wrote {record(result)}")
     return 0
 
 

@@ -64,6 +64,7 @@ def run(cfg: DictConfig) -> dict:
 
     from xanesdiff.analysis.plots import plot_structure_report
     from xanesdiff.analysis.structure import density_g_cm3, structure_report
+    from xanesdiff.diffusion.fidelity_record import prior_concerns
     from xanesdiff.forward.surrogate import load_surrogate
     from xanesdiff.guidance.report import (plot_density_scan, plot_spectra, write_extxyz,
                                            write_json)
@@ -134,6 +135,8 @@ def run(cfg: DictConfig) -> dict:
             "scan_file": scan_path.name}
     else:
         report["density"] = {"given_g_cm3": density}
+    report["prior_fidelity"] = prior_concerns(prior, density if start is None
+                                              else density_g_cm3(start[0]))
 
     if start is None:
         set_relative_references(terms, generator, target, density, int(cfg.seed))

@@ -34,6 +34,7 @@ def run(cfg: DictConfig) -> dict:
     from xanesdiff.analysis.structure import structure_report
     from xanesdiff.datasets.errors import XanesdiffInputError
     from xanesdiff.datasets.structures import density_g_cm3
+    from xanesdiff.diffusion.fidelity_record import prior_concerns
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.datasets.spectra_io import atomic_write_text
     from xanesdiff.guidance.report import write_extxyz
@@ -60,6 +61,7 @@ def run(cfg: DictConfig) -> dict:
         network, reference = nearest_reference(density_g_cm3(frames[0]))
     report = structure_report(frames, reference=reference)
     report["reference_network"] = network
+    report["prior_fidelity"] = prior_concerns(prior, density_g_cm3(frames[0]))
     report["sampling"] = {"checkpoint": str(cfg.checkpoint or "checkpoints/prior_default.pt"),
                           "sampler": OmegaConf.to_container(cfg.sampler), "seed": int(cfg.seed),
                           "device": str(device),

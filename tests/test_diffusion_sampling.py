@@ -191,6 +191,20 @@ def test_train_prior_resume_and_sample_cli(tmp_path, assets_root):
                   *[a for a in warm if a != "score_model=tiny"], cwd=tmp_path)
     assert misfit.returncode == 2 and "weights do not fit score_model" in misfit.stderr
 
+    # a benchmark result for this checkpoint that missed CN5+ at 2.0: recorded beside it,
+    # then `sample` at 2.0 warns and reports it
+    row = {"cn1": 0.0, "cn5plus": 0.05, "sp3_err": 0.01, "sp2_err": 0.01, "rdf_peak_err": 0.0,
+           "dmin": 1.2, "n_samples": 8, "sample": {}, "reference": {}}
+    result = tmp_path / "prior_benchmark.json"
+    result.write_text(json.dumps({
+        "per_density": {"2.00": row}, "checkpoint": str(tmp_path / "prior.pt"),
+        "targets": {"cn1": 0.01, "cn5plus": 0.01, "sp3_err": 0.05, "sp2_err": 0.05,
+                    "rdf_peak_err": 0.03, "dmin_min": 1.1}}))
+    recorded = subprocess.run([sys.executable, "-m", "xanesdiff.scripts.benchmark_prior",
+                               "--record-from", str(result)], capture_output=True, text=True)
+    assert recorded.returncode == 0, recorded.stderr[-3000:]
+    assert (tmp_path / "prior.fidelity.json").exists()
+
     out = tmp_path / "samples"
     sample = _cli("sample", "density=2.0", "n=2", "n_atoms=40", "seed=3",
                   f"checkpoint={tmp_path}/prior.pt", f"out={out}", "sampler=em",
@@ -204,6 +218,10 @@ def test_train_prior_resume_and_sample_cli(tmp_path, assets_root):
     assert abs(frames[0].info["density_g_cm3"] - 2.0) < 1e-3
     report = json.loads((out / "report.json").read_text())
     assert report["reference_network"] == "rho2.00" and "comparison" in report
+    assert report["prior_fidelity"].startswith("at 2.00 g/cm³") and "cn5plus 0.050" in report[
+        "prior_fidelity"]
+    assert "WARNING" in sample.stdout  # logged as well
+    assert "cn5plus 0.050 (target ≤ 0.01)" in sample.stdout
     assert (out / "report.png").stat().st_size > 10_000
 
     bad = _cli("sample", "density=2.0", f"checkpoint={tmp_path}/nothing.pt", f"out={out}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,9 +51,14 @@ def run_generate(models: Path, out: Path, *overrides: str, check=True):
 
 
 def test_generate_writes_validated_structures_and_resumes(tiny_models, tmp_path):
+    from xanesdiff.diffusion.fidelity_record import FidelityRecord, save_fidelity_record
+
     target = REPO / "examples" / "target_rho2.5.csv"
     out = tmp_path / "run"
-    run_generate(tiny_models, out, f"target={target}", "n=2", "density=2.5", "seed=7")
+    models = shutil.copytree(tiny_models, tmp_path / "models")  # this prior gets a record:
+    save_fidelity_record(models / "prior.pt", FidelityRecord(  # its benchmark missed at 2.49
+        per_density={"2.49": {"sp3_err": {"value": 0.2, "limit": 0.05}}, "3.00": {}}))
+    run_generate(models, out, f"target={target}", "n=2", "density=2.5", "seed=7")
     frames = ase.io.read(out / "structures.extxyz", index=":")
     assert len(frames) == 2 and all(len(a) == 32 for a in frames)
     for key in ("mae", "spearman", "cosine", "judge_mae", "seed", "guided_steps"):
@@ -60,6 +66,8 @@ def test_generate_writes_validated_structures_and_resumes(tiny_models, tmp_path)
     assert [a.info["seed"] for a in frames] == [7, 8]
     report = json.loads((out / "report.json").read_text())
     assert report["density"] == {"given_g_cm3": 2.5}
+    assert report["prior_fidelity"].startswith("at 2.49 g/cm³") and "sp3_err 0.200" in report[
+        "prior_fidelity"]
     assert report["target"]["kind"] == "two_column"
     summary = report["summary"]
     assert {"mean_prediction_match", "judged_mean_match", "sp3", "cn1"} <= set(summary)
@@ -71,18 +79,18 @@ def test_generate_writes_validated_structures_and_resumes(tiny_models, tmp_path)
 
     # Resume: asking for one more structure generates only that one, keeping the first two.
     before = (out / "samples" / "sample_000.extxyz").stat().st_mtime_ns
-    run_generate(tiny_models, out, f"target={target}", "n=3", "density=2.5", "seed=7")
+    run_generate(models, out, f"target={target}", "n=3", "density=2.5", "seed=7")
     assert (out / "samples" / "sample_000.extxyz").stat().st_mtime_ns == before
     assert len(ase.io.read(out / "structures.extxyz", index=":")) == 3
 
     # Same seed, same structure (determinism on one machine).
     again = tmp_path / "again"
-    run_generate(tiny_models, again, f"target={target}", "n=1", "density=2.5", "seed=7")
+    run_generate(models, again, f"target={target}", "n=1", "density=2.5", "seed=7")
     np.testing.assert_allclose(ase.io.read(again / "structures.extxyz").positions,
                                frames[0].positions, atol=1e-6)
 
     # A different request into the same folder is refused, not mixed.
-    proc = run_generate(tiny_models, out, f"target={target}", "n=1", "density=3.0", check=False)
+    proc = run_generate(models, out, f"target={target}", "n=1", "density=3.0", check=False)
     assert proc.returncode == 2 and "different request" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -133,8 +141,6 @@ def test_guided_memory_estimate_follows_the_guide():
 
 
 def test_report_quotes_the_validators_held_out_error_when_it_is_measured(tiny_models, tmp_path):
-    import shutil
-
     from xanesdiff.forward.heldout_error import fit_heldout_error, save_heldout_error
 
     validator = tmp_path / "validator.pt"
