@@ -24,6 +24,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from xanesdiff.datasets.errors import XanesdiffInputError
+from xanesdiff.diffusion.fidelity_record import prior_concerns
 from xanesdiff.library.filters import check_filter_config, threshold_failures
 from xanesdiff.library.fingerprint import DuplicateIndex, local_environment_fingerprint
 from xanesdiff.library.models import LibraryModels, load_models
@@ -308,6 +309,8 @@ def build_library(cfg, models: LibraryModels | None = None, progress: bool = Tru
                    load_duplicate_index(store, cfg.dedup))
     for path in {i.target for i in todo if i.target}:
         ctx.target(path)  # unreadable targets fail now, not after hours of work
+    concerns = {f"{density:g}": text for density in sorted({i.density_g_cm3 for i in mine})
+                if (text := prior_concerns(models.prior, density))}  # logged once per density
     log.info("library %s: shard %d/%d has %d of %d planned items, %d already done",
              url, int(cfg.shard_index), int(cfg.n_shards), len(mine), len(items),
              len(mine) - len(todo))
@@ -336,7 +339,8 @@ def build_library(cfg, models: LibraryModels | None = None, progress: bool = Tru
     bar.close()
     summary = summarize(store, mine, len(items))
     summary.update({"db": url, "generated_now": counts, "shard_index": int(cfg.shard_index),
-                    "n_shards": int(cfg.n_shards), "settings_id": settings_id})
+                    "n_shards": int(cfg.n_shards), "settings_id": settings_id,
+                    "prior_fidelity": concerns})
     log.info("library %s: %s", url, json.dumps(summary))
     return summary
 

@@ -28,6 +28,16 @@ def make_models(seed: int = 0) -> dict:
     return {"prior": tiny_prior(seed, dtype=torch.float32), "surrogate": ToySurrogate()}
 
 
+def make_models_with_record(seed: int = 0) -> dict:
+    """`make_models` whose prior's benchmark missed its sp3 target at 2.3 g/cm³."""
+    from xanesdiff.diffusion.fidelity_record import FidelityRecord
+
+    models = make_models(seed)
+    models["prior"].fidelity = FidelityRecord(
+        per_density={"2.30": {"sp3_err": {"value": 0.09, "limit": 0.05}}, "3.00": {}})
+    return models
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models on a shared CPU: one thread is several times faster (and subprocesses get the
@@ -450,6 +460,16 @@ def test_diverged_sampling_is_recorded_and_not_retried(tmp_path, target_file, mo
     assert "NonFiniteSampleError" in rows[1].data["provenance"]["error"]
     monkeypatch.setattr(GuidedGenerator, "generate", original)
     assert build(args)["generated_now"] == {"accepted": 0, "rejected": 0}
+
+
+def test_library_names_the_densities_where_the_prior_missed_its_targets(tmp_path, target_file):
+    """2.4 g/cm³ lies within 0.25 of the record's missed 2.3, 2.7 is nearer its met 3.0."""
+    summary = build(overrides(tmp_path, target_file, **{
+        "models.factory": "test_library:make_models_with_record", "plan.n_seeds": 1}))
+    assert list(summary["prior_fidelity"]) == ["2.4"]
+    assert "sp3_err 0.090 (target ≤ 0.05)" in summary["prior_fidelity"]["2.4"]
+    assert list(build(overrides(tmp_path / "plain", target_file, **{"plan.n_seeds": 1}))[
+        "prior_fidelity"]) == []
 
 
 def test_library_models_accept_shipped_surrogate_names():
