@@ -75,8 +75,9 @@ def markdown(result: dict) -> str:
 
     lines = ["# Diffusion prior benchmark (issue 4)", "",
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ",
-             f"Checkpoints: `{result['checkpoint']}` (step {result['checkpoint_step']}), leave-out "
-             f"`{result.get('leave_out_checkpoint')}`  ",
+             f"Checkpoints: `{result['checkpoint']}` (step {result['checkpoint_step']})"
+             + (f", leave-out `{result['leave_out_checkpoint']}`  "
+                if result.get("leave_out_checkpoint") else "  "),
              f"Sampler: `{json.dumps(result['sampler'])}`", "",
              "Targets: CN1 ≤ 0.01, CN5+ ≤ 0.01, |Δsp3| ≤ 0.05, |Δsp2| ≤ 0.05, |Δ RDF peak| ≤ 0.03 Å, "
              "dmin ≥ 1.1 Å; leave-out |Δsp3| ≤ 0.08. Fractions of atoms (cutoff 1.85 Å). RDF peak: "

@@ -84,9 +84,10 @@ def test_prior_concerns_warns_and_says_nothing_without_a_record(caplog):
     assert caplog.text.count("3.49 g/cm³") == 1
 
 
-def test_the_shipped_default_prior_carries_its_benchmark_record():
-    """Retraining the shipped prior without rerunning `benchmark_prior --record` fails here."""
-    record = load_prior().fidelity
-    assert record is not None, f"no record matching {prior_checkpoint_path()}"
+@pytest.mark.parametrize("name", ["default", "fast"])
+def test_the_shipped_priors_carry_their_benchmark_records(name):
+    """Retraining a shipped prior without rerunning `benchmark_prior --record` fails here."""
+    record = load_prior(name).fidelity
+    assert record is not None, f"no record matching {prior_checkpoint_path(name)}"
     assert len(record.per_density) == 5
     assert all(1.4 < float(density) < 3.6 for density in record.per_density)
