@@ -21,6 +21,10 @@ from xanesdiff.datasets.errors import XanesdiffInputError
 
 log = logging.getLogger("xanesdiff.diffusion")
 
+LIMIT_KEY = {"cn1": "cn1", "cn5plus": "cn5plus", "sp3_err": "sp3_err", "sp2_err": "sp2_err",
+             "rdf_peak_err": "rdf_peak_err", "dmin": "dmin_min"}
+"""A benchmark row's field → the key of its limit in the benchmark's `targets`."""
+
 AT_LEAST = {"dmin"}
 """Targets that are lower bounds (Å); every other target is an upper bound."""
 
@@ -69,12 +73,10 @@ def prior_concerns(prior, density_g_cm3: float) -> str | None:
 def fidelity_from_benchmark(result: dict) -> FidelityRecord:
     """The record of a `benchmark_prior` result (its `per_density` rows and `targets`)."""
     targets = result["targets"]
-    limits = {"cn1": "cn1", "cn5plus": "cn5plus", "sp3_err": "sp3_err", "sp2_err": "sp2_err",
-              "rdf_peak_err": "rdf_peak_err", "dmin": "dmin_min"}
     per_density: dict[str, dict[str, dict]] = {}
     for density, row in result["per_density"].items():
         misses = {}
-        for name, limit_key in limits.items():
+        for name, limit_key in LIMIT_KEY.items():
             value, limit = float(row[name]), float(targets[limit_key])
             if (value < limit) if name in AT_LEAST else (value > limit):
                 misses[name] = {"value": value, "limit": limit}
@@ -120,8 +122,8 @@ def load_fidelity_record(checkpoint: str | os.PathLike) -> FidelityRecord | None
         return None
     try:
         record = FidelityRecord(**json.loads(path.read_text()))
-        for density, misses in record.per_density.items():
-            float(density)
+        for density, misses in record.per_density.items():  # raises unless keys are densities
+            float(density)                                   # and every miss has its numbers
             for miss in misses.values():
                 float(miss["value"]), float(miss["limit"])
     except (ValueError, TypeError, KeyError, AttributeError) as exc:

@@ -147,7 +147,8 @@ def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0,
                ) -> DiffusionPrior:
     """Load a prior checkpoint: a path, or a shipped name (`SHIPPED_PRIORS`: default | fast);
     `None` loads the default. `hard_core_A` (Å): closest pair distance kept by a
-    `HardCoreScore` (None: the learned score alone). `device`: where the score model runs."""
+    `HardCoreScore` (None: the learned score alone). `device`: where the score model runs.
+    The benchmark record beside the checkpoint, if any, becomes `prior.fidelity`."""
     path = prior_checkpoint_path(path)
     if not path.exists():
         raise XanesdiffInputError("prior checkpoint does not exist", str(path))
