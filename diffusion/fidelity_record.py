@@ -40,6 +40,7 @@ class FidelityRecord:
     checkpoint_sha256: str = ""
     command: str = ""
     targets: dict = field(default_factory=dict)
+    advice: str = ""  # appended to every concern, e.g. a sampler that does better there
 
     def concerns(self, density_g_cm3: float, within_g_cm3: float = 0.25) -> str | None:
         """A sentence naming what this prior missed at the benchmarked density nearest
@@ -57,7 +58,8 @@ class FidelityRecord:
                       if "sample" in miss else "")
             parts.append(f"{name} {miss['value']:.3f} (target {bound} {miss['limit']}){detail}")
         return (f"at {nearest} g/cm³ this prior's benchmark ({self.n_samples} samples, sampler "
-                f"{self.sampler or 'default'}) missed: " + "; ".join(parts))
+                f"{self.sampler or 'default'}) missed: " + "; ".join(parts)
+                + (f". {self.advice}" if self.advice else ""))
 
 
 def prior_concerns(prior, density_g_cm3: float) -> str | None:

@@ -102,8 +102,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def record(result: dict) -> Path:
-    """Write the misses of `result` beside the checkpoint it measured (`fidelity_record`)."""
+def record(result: dict, advice: str = "") -> Path:
+    """Write the misses of `result` beside the checkpoint it measured (`fidelity_record`), with
+    `advice` to end its warnings."""
     import xanesdiff
     from xanesdiff.diffusion.fidelity_record import fidelity_from_benchmark, save_fidelity_record
 
@@ -114,7 +115,9 @@ def record(result: dict) -> Path:
                            if c.exists()), root / checkpoint)
     if not checkpoint.exists():
         raise SystemExit(f"the measured checkpoint {result['checkpoint']} does not exist here")
-    return save_fidelity_record(checkpoint, fidelity_from_benchmark(result))
+    fidelity = fidelity_from_benchmark(result)
+    fidelity.advice = advice
+    return save_fidelity_record(checkpoint, fidelity)
 
 
 def _as_recorded(path: str | Path) -> str:
@@ -158,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--record", action="store_true",
                    help="also write the result's misses beside the checkpoint "
                         "(<checkpoint>.fidelity.json), which sample and generate warn from")
+    p.add_argument("--record-advice", default="", metavar="TEXT",
+                   help="a sentence the record's warnings end with (e.g. a better sampler)")
     p.add_argument("--record-from", default=None, metavar="RESULT_JSON",
                    help="only write that record, from an earlier result of this benchmark")
     p.add_argument("--merge", nargs="*", default=None,
@@ -166,7 +171,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.record_from:
         result = json.loads(Path(args.record_from).read_text())
-        print(f"wrote {record(result)}")
+        print(f"wrote {record(result, args.record_advice)}")
         return 0
     if args.merge:
         from xanesdiff.datasets.spectra_io import atomic_write_text
@@ -187,7 +192,7 @@ def main(argv=None) -> int:
         atomic_write_text(Path(args.out).with_suffix(".md"), markdown(merged))
         print(markdown(merged))
         if args.record:
-            print(f"wrote {record(merged)}")
+            print(f"wrote {record(merged, args.record_advice)}")
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -239,7 +244,7 @@ def main(argv=None) -> int:
     atomic_write_text(out.with_suffix(".md"), markdown(result))
     print(markdown(result))
     if args.record:
-        print(f"wrote {record(result)}")
+        print(f"wrote {record(result, args.record_advice)}")
     return 0
 
 

@@ -336,7 +336,7 @@ def test_every_shipped_sampler_config_reads_as_hydra_composes_it():
     from xanesdiff.guidance.request import compose_generate_config
 
     names = sorted(p.stem for p in (Path(configs.__file__).parent / "sampler").glob("*.yaml"))
-    assert {"pc", "pc_quick", "pc_thorough"} <= set(names)
+    assert {"pc", "pc_quick", "pc_thorough", "pc_cold"} <= set(names)
     for name in names:
         composed = compose_generate_config([f"sampler={name}"]).sampler
         assert OmegaConf.to_container(sampler_config(name)) == OmegaConf.to_container(composed), name
@@ -351,6 +351,10 @@ def test_every_shipped_sampler_config_reads_as_hydra_composes_it():
         {k: v for k, v in base.items() if k not in ("n_steps", "noise_scale")}
     thorough = sampler_config("pc_thorough")
     assert (thorough.n_steps, thorough.n_corrector) == (200, 4)
+    cold = sampler_config("pc_cold")  # the default's steps at T = 0.04 throughout
+    assert (cold.noise_scale, cold.low_noise_scale) == (0.2, 0.2)
+    assert {k: v for k, v in cold.items() if "noise_scale" not in k} == \
+        {k: v for k, v in base.items() if "noise_scale" not in k}
 
 
 def test_low_noise_scale_takes_over_below_its_time():

@@ -52,6 +52,8 @@ def test_concerns_name_the_nearest_missed_density_only_within_reach():
     assert record.concerns(2.1) is None      # nearest density met every target
     assert record.concerns(3.9) is None      # beyond 0.25 g/cm³ of any benchmarked density
     assert record.concerns(3.9, within_g_cm3=0.5) is not None
+    record.advice = "Colder sampling helps there."
+    assert record.concerns(3.4).endswith("(target ≥ 1.1). Colder sampling helps there.")
 
 
 def test_record_is_tied_to_the_checkpoint_bytes(tmp_path, caplog):
