@@ -72,8 +72,9 @@ def prior_concerns(prior, density_g_cm3: float) -> str | None:
     return concern
 
 
-def fidelity_from_benchmark(result: dict) -> FidelityRecord:
-    """The record of a `benchmark_prior` result (its `per_density` rows and `targets`)."""
+def fidelity_from_benchmark(result: dict, advice: str = "") -> FidelityRecord:
+    """The record of a `benchmark_prior` result (its `per_density` rows and `targets`), its
+    warnings ending with `advice`."""
     targets = result["targets"]
     per_density: dict[str, dict[str, dict]] = {}
     for density, row in result["per_density"].items():
@@ -95,7 +96,8 @@ def fidelity_from_benchmark(result: dict) -> FidelityRecord:
     n_samples = max((int(row.get("n_samples", 0)) for row in result["per_density"].values()),
                     default=0)
     return FidelityRecord(per_density=per_density, sampler=name, n_samples=n_samples,
-                          command=result.get("command", ""), targets=dict(targets))
+                          command=result.get("command", ""), targets=dict(targets),
+                          advice=advice)
 
 
 def fidelity_record_path(checkpoint: str | os.PathLike) -> Path:

@@ -108,16 +108,10 @@ def record(result: dict, advice: str = "") -> Path:
     import xanesdiff
     from xanesdiff.diffusion.fidelity_record import fidelity_from_benchmark, save_fidelity_record
 
-    checkpoint = Path(result["checkpoint"])
-    if not checkpoint.is_absolute():  # recorded relative to the project root, or a bare name
-        root = Path(xanesdiff.PACKAGE_ROOT)
-        checkpoint = next((c for c in (root / checkpoint, root / "checkpoints" / checkpoint)
-                           if c.exists()), root / checkpoint)
+    checkpoint = Path(xanesdiff.PACKAGE_ROOT) / result["checkpoint"]  # undoes `_as_recorded`
     if not checkpoint.exists():
         raise SystemExit(f"the measured checkpoint {result['checkpoint']} does not exist here")
-    fidelity = fidelity_from_benchmark(result)
-    fidelity.advice = advice
-    return save_fidelity_record(checkpoint, fidelity)
+    return save_fidelity_record(checkpoint, fidelity_from_benchmark(result, advice))
 
 
 def _as_recorded(path: str | Path) -> str:
