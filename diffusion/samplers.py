@@ -8,6 +8,8 @@ for non-finite positions. Vectorised over atoms (and cells, when the score funct
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -41,6 +43,28 @@ def _check_finite(pos: torch.Tensor, where: str) -> None:
             "use more steps")
 
 
+@dataclass(frozen=True)
+class DensityCooling:
+    """Colder sampling for denser cells. At or below `from_g_cm3` a sampler keeps its own noise
+    scales; at or above `to_g_cm3` every step runs at `noise_scale` (√temperature); linear in
+    the density in between. It only ever cools: a scale already below the dense one is kept."""
+
+    from_g_cm3: float = 3.0
+    to_g_cm3: float = 3.5
+    noise_scale: float = 0.2
+
+    def __post_init__(self):
+        if not self.from_g_cm3 < self.to_g_cm3 or self.noise_scale < 0:
+            raise ValueError(f"density cooling needs from_g_cm3 < to_g_cm3 and noise_scale ≥ 0 "
+                             f"(got {self.from_g_cm3}, {self.to_g_cm3}, {self.noise_scale})")
+
+    def scale(self, own: float, density_g_cm3: float) -> float:
+        """The noise scale that replaces `own` in a cell of `density_g_cm3` (g/cm³)."""
+        share = (density_g_cm3 - self.from_g_cm3) / (self.to_g_cm3 - self.from_g_cm3)
+        share = min(max(share, 0.0), 1.0)
+        return min(own, (1 - share) * own + share * self.noise_scale)
+
+
 class Sampler:
     """Base: a time grid from `t_start` to `t_end` (uniform in t^(1/grid_power): grid_power > 1
     puts more steps at small noise), optional final Langevin corrector steps at `t_end` and a
@@ -48,14 +72,16 @@ class Sampler:
     of the reverse-SDE steps and of the Langevin corrector: a temperature T = noise_scale², below 1
     the sampler aims at ≈ p^(1/T), sharper and less diverse samples (a Gaussian's variance shrinks
     by T). With `low_noise_t` set, steps at t ≤ low_noise_t (and the final correctors) use
-    `low_noise_scale` instead: a colder end for the local structure."""
+    `low_noise_scale` instead: a colder end for the local structure. With `density_cooling` (a
+    `DensityCooling`), `sample(..., density_g_cm3=ρ)` runs with the noise scales it gives at ρ."""
 
     name = "base"
 
     def __init__(self, schedule, n_steps: int = 100, t_start: float = 1.0, t_end: float = 0.01,
                  final_corrector_steps: int = 0, corrector_snr: float = 0.1,
                  final_denoise: bool = True, grid_power: float = 1.0, noise_scale: float = 1.0,
-                 low_noise_scale: float | None = None, low_noise_t: float | None = None):
+                 low_noise_scale: float | None = None, low_noise_t: float | None = None,
+                 density_cooling: DensityCooling | None = None):
         if not hasattr(schedule, "diffusion_coeff_sq") or not hasattr(schedule, "sigma"):
             raise IncompatibleSampler(f"{type(self).__name__} needs a schedule with sigma(t) and "
                                       f"diffusion_coeff_sq(t), got {type(schedule).__name__}")
@@ -75,6 +101,7 @@ class Sampler:
         self.noise_scale = float(noise_scale)
         self.low_noise_scale = None if low_noise_scale is None else float(low_noise_scale)
         self.low_noise_t = None if low_noise_t is None else float(low_noise_t)
+        self.density_cooling = density_cooling
         self.n_score_evals = 0
 
     def time_grid(self, t_start: float | None = None, t_end: float | None = None,
@@ -95,6 +122,25 @@ class Sampler:
         if self.low_noise_t is not None and t <= self.low_noise_t:
             return self.low_noise_scale
         return self.noise_scale
+
+    def noise_scales_for(self, density_g_cm3: float | None) -> dict:
+        """The noise scales a run in a cell of `density_g_cm3` (g/cm³) uses (None: its own)."""
+        scales = {"noise_scale": self.noise_scale, "low_noise_scale": self.low_noise_scale}
+        if self.density_cooling is None or density_g_cm3 is None:
+            return scales
+        return {name: None if own is None else self.density_cooling.scale(own, density_g_cm3)
+                for name, own in scales.items()}
+
+    @contextmanager
+    def cooled_for(self, density_g_cm3: float | None):
+        """Within the block the sampler runs at the noise scales of `noise_scales_for`."""
+        own = self.noise_scales_for(None)
+        cooled = self.noise_scales_for(density_g_cm3)
+        self.noise_scale, self.low_noise_scale = cooled["noise_scale"], cooled["low_noise_scale"]
+        try:
+            yield
+        finally:
+            self.noise_scale, self.low_noise_scale = own["noise_scale"], own["low_noise_scale"]
 
     # --- building blocks ---------------------------------------------------------------------
     def em_step(self, pos, score_fn, wrap_fn, t, t_next, generator, add_noise=True):
@@ -144,9 +190,11 @@ class Sampler:
         return max(1, round(self.n_steps * share))
 
     def sample(self, pos: torch.Tensor, score_fn: ScoreFn, wrap_fn: WrapFn,
-               generator: torch.Generator | None = None, t_start: float | None = None
-               ) -> torch.Tensor:
+               generator: torch.Generator | None = None, t_start: float | None = None,
+               density_g_cm3: float | None = None) -> torch.Tensor:
         """Integrate from `t_start` to `t_end` starting at `pos`, then finish (corrector, denoise).
+        `density_g_cm3`, the cells' density, sets the noise scales when the sampler has a
+        `density_cooling`.
 
         `t_start` below the sampler's own starts from a partly noised structure (positions
         already at noise level σ(t_start)); the run then takes `steps_from(t_start)` steps.
@@ -154,7 +202,7 @@ class Sampler:
         them itself (`with torch.enable_grad(): ...`)."""
         _check_finite(pos, "the initial state")
         n_steps = None if t_start is None else self.steps_from(float(t_start))
-        with torch.no_grad():
+        with torch.no_grad(), self.cooled_for(density_g_cm3):
             pos = self.run(pos.detach(), score_fn, wrap_fn, generator, t_start, n_steps)
             return self.finish(pos, score_fn, wrap_fn, generator)
 
@@ -226,13 +274,19 @@ class RestartSampler(Sampler):
         self.base = base or EulerMaruyama(
             schedule, n_steps=self.n_steps, t_start=self.t_start, t_end=self.t_end,
             final_denoise=False, noise_scale=self.noise_scale,
-            low_noise_scale=self.low_noise_scale, low_noise_t=self.low_noise_t)
+            low_noise_scale=self.low_noise_scale, low_noise_t=self.low_noise_t,
+            density_cooling=self.density_cooling)
         if abs(self.base.t_end - self.t_end) > 1e-12:
             raise ValueError("base sampler and restart sampler must end at the same t_end")
         if not (self.t_end < t_restart <= self.t_start):
             raise ValueError(f"t_restart={t_restart} must lie in (t_end, t_start]")
         self.n_restarts, self.t_restart = int(n_restarts), float(t_restart)
         self.n_restart_steps = int(n_restart_steps)
+
+    @contextmanager
+    def cooled_for(self, density_g_cm3: float | None):
+        with super().cooled_for(density_g_cm3), self.base.cooled_for(density_g_cm3):
+            yield
 
     def _score(self, score_fn, pos, t):  # count evaluations made by the base sampler too
         self.n_score_evals += 1

@@ -31,6 +31,12 @@ def cubic_cell_for_density(n_atoms: int, density_g_cm3: float, element: str = "C
     return np.eye(3) * edge_A
 
 
+def density_of_cell(n_atoms: int, cell_A, element: str = "C") -> float:
+    """Density (g/cm³) of `n_atoms` of `element` in the cell (3,3) Å."""
+    mass_g = n_atoms * atomic_masses[atomic_numbers[element]] * AMU_G
+    return float(mass_g / abs(np.linalg.det(np.asarray(cell_A, dtype=float))) * 1e24)
+
+
 def resolve_cell_and_count(n_atoms: int | None = None, density_g_cm3: float | None = None,
                            cell_A=None, element: str = "C") -> tuple[int, np.ndarray]:
     """(atom count, cell) from any consistent subset of (n_atoms, density, cell)."""
@@ -115,6 +121,8 @@ def sample_structures(prior, n_atoms: int | None = None, density_g_cm3: float | 
         return wrap_positions(x, cells, batch)
 
     prior.neighbors.clear()
-    pos = sampler.sample(pos, score_fn, wrap_fn, generator).reshape(n_samples, n, 3).cpu()
+    pos = sampler.sample(pos, score_fn, wrap_fn, generator,
+                         density_g_cm3=density_of_cell(n, cell, element))
+    pos = pos.reshape(n_samples, n, 3).cpu()
     return [Atoms(numbers=[atomic_numbers[element]] * n, positions=p.double().numpy(), cell=cell,
                   pbc=True) for p in pos]

@@ -19,7 +19,8 @@ from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.datasets.graph import wrap_positions
 from xanesdiff.datasets.structures import density_g_cm3 as cell_density_g_cm3
 from xanesdiff.diffusion.samplers import gaussian_like
-from xanesdiff.diffusion.sampling import default_sampler, resolve_cell_and_count
+from xanesdiff.diffusion.sampling import (default_sampler, density_of_cell,
+                                          resolve_cell_and_count)
 from xanesdiff.guidance.guided_score import GuidedScore
 from xanesdiff.guidance.validation import predict_members, spectral_match
 from xanesdiff.runtime import fit_kept_memory
@@ -128,14 +129,17 @@ class GuidedGenerator:
         score_fn = GuidedScore(self.prior, cell_t, numbers, terms, self.through_denoiser,
                                self.max_ratio, self.refresh_every)
         self.prior.neighbors.clear()
+        density = density_of_cell(n, cell, self.element)
         pos = self.sampler.sample(pos, score_fn, wrap_fn or (lambda x: wrap_positions(x, cell_t)),
-                                  generator, t_start=t_start)
+                                  generator, t_start=t_start, density_g_cm3=density)
         atoms = Atoms(numbers=numbers.cpu().numpy(), positions=pos.double().cpu().numpy(),
                       cell=cell, pbc=True)
         atoms.wrap()
         ratios = [h["guidance_to_prior_rms"] for h in score_fn.history]
         return atoms, {"guided": guided, "guided_steps": len(ratios),
-                       "max_guidance_to_prior_rms": max(ratios) if ratios else 0.0}
+                       "max_guidance_to_prior_rms": max(ratios) if ratios else 0.0,
+                       **{f"sampler_{name}": scale for name, scale in
+                          self.sampler.noise_scales_for(density).items() if scale is not None}}
 
 
 @dataclass

@@ -64,6 +64,7 @@ def run(cfg: DictConfig) -> dict:
     report["prior_fidelity"] = prior_concerns(prior, density_g_cm3(frames[0]))
     report["sampling"] = {"checkpoint": str(cfg.checkpoint or "checkpoints/prior_default.pt"),
                           "sampler": OmegaConf.to_container(cfg.sampler), "seed": int(cfg.seed),
+                          "noise_scales": sampler.noise_scales_for(density_g_cm3(frames[0])),
                           "device": str(device),
                           "n_score_evals": sampler.n_score_evals, "wall_s": elapsed,
                           "command": "xanesdiff sample " + " ".join(sys.argv[1:])}

@@ -12,7 +12,7 @@ import torch
 
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.diffusion.prior import DiffusionPrior, load_prior, save_prior
-from xanesdiff.diffusion.samplers import (EulerMaruyama, NonFiniteSampleError,
+from xanesdiff.diffusion.samplers import (DensityCooling, EulerMaruyama, NonFiniteSampleError,
                                           PredictorCorrector, ProbabilityFlow, RestartSampler)
 from xanesdiff.diffusion.sampling import cubic_cell_for_density, resolve_cell_and_count
 from xanesdiff.diffusion.schedule import VESchedule
@@ -218,6 +218,7 @@ def test_train_prior_resume_and_sample_cli(tmp_path, assets_root):
     assert abs(frames[0].info["density_g_cm3"] - 2.0) < 1e-3
     report = json.loads((out / "report.json").read_text())
     assert report["reference_network"] == "rho2.00" and "comparison" in report
+    assert report["sampling"]["noise_scales"] == {"noise_scale": 1.0, "low_noise_scale": None}
     assert report["prior_fidelity"].startswith("at 2.00 g/cm³") and "cn5plus 0.050" in report[
         "prior_fidelity"]
     assert "WARNING" in sample.stdout  # logged as well
@@ -374,6 +375,71 @@ def test_low_noise_scale_takes_over_below_its_time():
         PredictorCorrector(schedule, low_noise_scale=0.3)
     with pytest.raises(ValueError, match="≥ 0"):
         PredictorCorrector(schedule, noise_scale=-0.1)
+
+
+def test_density_cooling_interpolates_between_own_and_dense_scales_and_never_heats():
+    cooling = DensityCooling(from_g_cm3=3.0, to_g_cm3=3.5, noise_scale=0.2)
+    assert cooling.scale(0.5, 2.0) == 0.5 and cooling.scale(0.5, 3.0) == 0.5
+    assert cooling.scale(0.5, 3.25) == pytest.approx(0.35)
+    assert cooling.scale(0.5, 3.5) == pytest.approx(0.2) and cooling.scale(0.5, 4.2) == 0.2
+    assert cooling.scale(0.1, 3.5) == 0.1  # already colder: kept
+    for bad in ({"from_g_cm3": 3.5, "to_g_cm3": 3.0}, {"noise_scale": -0.1}):
+        with pytest.raises(ValueError, match="density cooling"):
+            DensityCooling(**bad)
+
+
+def test_density_cooling_samples_a_gaussian_at_the_dense_temperature_and_restores_the_scales():
+    """With the exact score of a Gaussian, a hot sampler with cooling gives the hot variance at a
+    low density and the cold one at a high density; its own scales are back afterwards, also
+    after a failed run."""
+    schedule, s0 = VESchedule(0.8), 0.3
+    sampler = PredictorCorrector(schedule, n_steps=60, t_end=0.04, final_corrector_steps=3,
+                                 corrector_snr=0.3, noise_scale=1.0,
+                                 density_cooling=DensityCooling(3.0, 3.5, 0.5))
+    variance = {}
+    for density in (2.0, 3.6):
+        g = torch.Generator().manual_seed(0)
+        start = torch.randn(5000, 3, generator=g, dtype=torch.float64) * schedule.sigma(1.0)
+        out = sampler.sample(start, lambda x, t: -x / (s0 ** 2 + schedule.sigma(t) ** 2),
+                             lambda x: x, g, density_g_cm3=density)
+        variance[density] = float(out.var()) / s0 ** 2
+        assert (sampler.noise_scale, sampler.low_noise_scale) == (1.0, None)
+    assert 0.85 < variance[2.0] < 1.2 and 0.18 < variance[3.6] < 0.4
+    with pytest.raises(NonFiniteSampleError):
+        sampler.sample(torch.zeros(4, 3), lambda x, t: x * float("nan"), lambda x: x,
+                       torch.Generator().manual_seed(0), density_g_cm3=3.6)
+    assert sampler.noise_scale == 1.0
+
+
+def test_sampling_cools_by_the_density_of_the_cell(tiny_prior):
+    """`sample_structures` and `GuidedGenerator` hand the cell's density to the sampler: with
+    cooling, a dense cell is exactly the sample of a sampler set to the cold scales, a cell below
+    the cooling range that of one without cooling; the guided log records the scales used."""
+    from xanesdiff.guidance.pipeline import GuidedGenerator
+
+    def pc(**kw):
+        return PredictorCorrector(tiny_prior.schedule, n_steps=4, n_corrector=1, noise_scale=0.8,
+                                  low_noise_scale=0.6, low_noise_t=0.3, **kw)
+
+    cooled = pc(density_cooling=DensityCooling(2.0, 2.2, 0.3))
+    for density, plain in ((1.8, pc()), (2.3, PredictorCorrector(
+            tiny_prior.schedule, n_steps=4, n_corrector=1, noise_scale=0.3,
+            low_noise_scale=0.3, low_noise_t=0.3))):
+        (a,) = tiny_prior.sample(n_atoms=30, density_g_cm3=density, seed=3, sampler=cooled)
+        (b,) = tiny_prior.sample(n_atoms=30, density_g_cm3=density, seed=3, sampler=plain)
+        assert np.array_equal(a.positions, b.positions), density
+    generator = GuidedGenerator(tiny_prior, surrogate=None, terms=[], sampler=cooled, n_atoms=30)
+    _, log = generator.generate(2.3, seed=0, guided=False)
+    assert (log["sampler_noise_scale"], log["sampler_low_noise_scale"]) == (0.3, 0.3)
+
+
+def test_restart_sampler_cools_its_base_run_too():
+    schedule = VESchedule(0.8)
+    sampler = RestartSampler(schedule, n_steps=4, noise_scale=1.0,
+                             density_cooling=DensityCooling(3.0, 3.5, 0.2))
+    with sampler.cooled_for(3.5):
+        assert sampler.noise_scale == sampler.base.noise_scale == pytest.approx(0.2)
+    assert sampler.noise_scale == sampler.base.noise_scale == 1.0
 
 
 def test_benchmark_records_checkpoints_inside_the_project_relative_to_it(tmp_path):
