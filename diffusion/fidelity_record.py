@@ -93,6 +93,8 @@ def fidelity_from_benchmark(result: dict, advice: str = "") -> FidelityRecord:
     if isinstance(sampler, dict) and sampler.get("_target_"):
         name = sampler["_target_"].rsplit(".", 1)[-1] + (
             f", {sampler['n_steps']} steps" if "n_steps" in sampler else "")
+        if sampler.get("density_cooling"):
+            name += f", cooled from {sampler['density_cooling']['from_g_cm3']} g/cm³"
     n_samples = max((int(row.get("n_samples", 0)) for row in result["per_density"].values()),
                     default=0)
     return FidelityRecord(per_density=per_density, sampler=name, n_samples=n_samples,

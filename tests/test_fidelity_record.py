@@ -42,6 +42,10 @@ def test_misses_are_the_targets_a_density_failed_in_either_direction():
                                               "reference": 0.938})
     assert dense["dmin"] == pytest.approx({"value": 1.05, "limit": 1.1})
     assert record.sampler == "PredictorCorrector, 100 steps" and record.n_samples == 8
+    cooled = benchmark_result()
+    cooled["sampler"]["density_cooling"] = {"from_g_cm3": 3.0, "to_g_cm3": 3.5}
+    assert fidelity_from_benchmark(cooled).sampler == \
+        "PredictorCorrector, 100 steps, cooled from 3.0 g/cm³"
 
 
 def test_concerns_name_the_nearest_missed_density_only_within_reach():
