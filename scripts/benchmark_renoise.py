@@ -20,10 +20,12 @@ from pathlib import Path
 
 
 def renoise(prior, frames: list, t: float, sampler, seed: int) -> list:
-    """Frames (ASE Atoms, one cell shape each) noised to time t and denoised by `sampler`."""
+    """Frames (ASE Atoms, one cell shape each) noised to time t and denoised by `sampler`, at
+    the noise scales it uses for the first frame's density (frames of one network)."""
     import torch
 
     from xanesdiff.datasets.graph import wrap_positions
+    from xanesdiff.datasets.structures import density_g_cm3
 
     generator = torch.Generator().manual_seed(seed)
     dtype = prior.dtype
@@ -36,7 +38,8 @@ def renoise(prior, frames: list, t: float, sampler, seed: int) -> list:
                          cells, batch)
     prior.neighbors.clear()
     out = sampler.sample(pos, lambda x, tt: prior.score_batch(x, cells, numbers, tt, batch),
-                         lambda x: wrap_positions(x, cells, batch), generator)
+                         lambda x: wrap_positions(x, cells, batch), generator,
+                         density_g_cm3=density_g_cm3(frames[0]))
     result = []
     for i, atoms in enumerate(frames):
         copy = atoms.copy()
