@@ -17,7 +17,7 @@ from ase.data import atomic_numbers
 
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.datasets.graph import wrap_positions
-from xanesdiff.datasets.structures import density_g_cm3 as cell_density_g_cm3
+from xanesdiff.datasets.structures import density_g_cm3 as density_of_atoms
 from xanesdiff.diffusion.samplers import gaussian_like
 from xanesdiff.diffusion.sampling import (default_sampler, density_of_cell,
                                           resolve_cell_and_count)
@@ -103,7 +103,7 @@ class GuidedGenerator:
 
         pos = hold_fixed(start_pos + float(noise_A) * noise)
         atoms, log = self._sample(pos, cell, generator, guided, t_start=t_start, wrap_fn=hold_fixed)
-        return atoms, {"seed": int(seed), "density_g_cm3": cell_density_g_cm3(start),
+        return atoms, {"seed": int(seed), "density_g_cm3": density_of_atoms(start),
                        "start_noise_A": float(noise_A), "mobile_atoms": n_mobile, **log}
 
     def start_time(self, noise_A: float) -> float:

@@ -417,14 +417,12 @@ def test_sampling_cools_by_the_density_of_the_cell(tiny_prior):
     the cooling range that of one without cooling; the guided log records the scales used."""
     from xanesdiff.guidance.pipeline import GuidedGenerator
 
-    def pc(**kw):
-        return PredictorCorrector(tiny_prior.schedule, n_steps=4, n_corrector=1, noise_scale=0.8,
-                                  low_noise_scale=0.6, low_noise_t=0.3, **kw)
+    def pc(noise_scale=0.8, low_noise_scale=0.6, **kw):
+        return PredictorCorrector(tiny_prior.schedule, n_steps=4, n_corrector=1, low_noise_t=0.3,
+                                  noise_scale=noise_scale, low_noise_scale=low_noise_scale, **kw)
 
     cooled = pc(density_cooling=DensityCooling(2.0, 2.2, 0.3))
-    for density, plain in ((1.8, pc()), (2.3, PredictorCorrector(
-            tiny_prior.schedule, n_steps=4, n_corrector=1, noise_scale=0.3,
-            low_noise_scale=0.3, low_noise_t=0.3))):
+    for density, plain in ((1.8, pc()), (2.3, pc(noise_scale=0.3, low_noise_scale=0.3))):
         (a,) = tiny_prior.sample(n_atoms=30, density_g_cm3=density, seed=3, sampler=cooled)
         (b,) = tiny_prior.sample(n_atoms=30, density_g_cm3=density, seed=3, sampler=plain)
         assert np.array_equal(a.positions, b.positions), density
