@@ -24,17 +24,21 @@ AMU_G = 1.66053906660e-24
 DEFAULT_N_ATOMS = 216
 
 
+def atom_mass_g(element: str = "C") -> float:
+    """Mass (g) of one atom of `element`."""
+    return float(atomic_masses[atomic_numbers[element]] * AMU_G)
+
+
 def cubic_cell_for_density(n_atoms: int, density_g_cm3: float, element: str = "C") -> np.ndarray:
     """Cubic cell (3,3) Å holding `n_atoms` of `element` at `density_g_cm3`."""
-    mass_g = n_atoms * atomic_masses[atomic_numbers[element]] * AMU_G
-    edge_A = (mass_g / density_g_cm3 * 1e24) ** (1 / 3)
+    edge_A = (n_atoms * atom_mass_g(element) / density_g_cm3 * 1e24) ** (1 / 3)
     return np.eye(3) * edge_A
 
 
 def density_of_cell(n_atoms: int, cell_A, element: str = "C") -> float:
     """Density (g/cm³) of `n_atoms` of `element` in the cell (3,3) Å."""
-    mass_g = n_atoms * atomic_masses[atomic_numbers[element]] * AMU_G
-    return float(mass_g / abs(np.linalg.det(np.asarray(cell_A, dtype=float))) * 1e24)
+    volume_cm3 = abs(np.linalg.det(np.asarray(cell_A, dtype=float))) * 1e-24
+    return float(n_atoms * atom_mass_g(element) / volume_cm3)
 
 
 def resolve_cell_and_count(n_atoms: int | None = None, density_g_cm3: float | None = None,
@@ -49,8 +53,7 @@ def resolve_cell_and_count(n_atoms: int | None = None, density_g_cm3: float | No
         if n_atoms is None:
             if density_g_cm3 is None:
                 raise XanesdiffInputError("give n_atoms or density with a cell", "cell")
-            mass = atomic_masses[atomic_numbers[element]] * AMU_G
-            n_atoms = int(round(density_g_cm3 * np.linalg.det(cell) * 1e-24 / mass))
+            n_atoms = int(round(density_g_cm3 * np.linalg.det(cell) * 1e-24 / atom_mass_g(element)))
         return int(n_atoms), cell
     n_atoms = DEFAULT_N_ATOMS if n_atoms is None else int(n_atoms)
     if n_atoms < 1:

@@ -56,15 +56,16 @@ def run(cfg: DictConfig) -> dict:
                           density_g_cm3=density, cell_A=cell, n_samples=int(cfg.n),
                           seed=int(cfg.seed), sampler=sampler)
     elapsed = time.perf_counter() - start
+    sampled_density = density_g_cm3(frames[0])
     reference, network = None, None
     if str(cfg.reference) == "auto":
-        network, reference = nearest_reference(density_g_cm3(frames[0]))
+        network, reference = nearest_reference(sampled_density)
     report = structure_report(frames, reference=reference)
     report["reference_network"] = network
-    report["prior_fidelity"] = prior_concerns(prior, density_g_cm3(frames[0]))
+    report["prior_fidelity"] = prior_concerns(prior, sampled_density)
     report["sampling"] = {"checkpoint": str(cfg.checkpoint or "checkpoints/prior_default.pt"),
                           "sampler": OmegaConf.to_container(cfg.sampler), "seed": int(cfg.seed),
-                          "noise_scales": sampler.noise_scales_for(density_g_cm3(frames[0])),
+                          "noise_scales": sampler.noise_scales_for(sampled_density),
                           "device": str(device),
                           "n_score_evals": sampler.n_score_evals, "wall_s": elapsed,
                           "command": "xanesdiff sample " + " ".join(sys.argv[1:])}
@@ -74,7 +75,7 @@ def run(cfg: DictConfig) -> dict:
     write_extxyz(out / "samples.extxyz", frames)
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     plot_structure_report(report, out / "report.png",
-                          title=f"{len(frames)} samples at {density_g_cm3(frames[0]):.2f} g/cm³"
+                          title=f"{len(frames)} samples at {sampled_density:.2f} g/cm³"
                           + (f" vs {network}" if network else ""))
     pooled = report["pooled"]
     print(f"wrote {out}/samples.extxyz, report.json, report.png  |  sp3 {pooled['sp3']:.3f} "
