@@ -9,6 +9,18 @@ from pathlib import Path
 import numpy as np
 
 
+def _curve_panel(ax, curves: dict, ref: dict | None, x_key: str, y_key: str, xlabel: str,
+                 ylabel: str, title: str) -> None:
+    """One panel: the samples' curve, and the reference's dashed when there is one."""
+    ax.plot(curves[x_key], curves[y_key], label="samples", color="C0")
+    if ref:
+        ax.plot(ref[x_key], ref[y_key], label="reference", color="k", ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+
+
 def plot_structure_report(report: dict, path: str | os.PathLike, title: str | None = None) -> Path:
     """Write a three-panel PNG (RDF, coordination histogram, bond-angle distribution)."""
     import matplotlib
@@ -20,14 +32,7 @@ def plot_structure_report(report: dict, path: str | os.PathLike, title: str | No
     curves = report["curves"]
     ref = report.get("reference", {}).get("curves")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    ax = axes[0]
-    ax.plot(curves["r_A"], curves["rdf"], label="samples", color="C0")
-    if ref:
-        ax.plot(ref["r_A"], ref["rdf"], label="reference", color="k", ls="--")
-    ax.set_xlabel("r (Å)")
-    ax.set_ylabel("g(r)")
-    ax.set_title("radial distribution")
-    ax.legend()
+    _curve_panel(axes[0], curves, ref, "r_A", "rdf", "r (Å)", "g(r)", "radial distribution")
     ax = axes[1]
     cn = np.asarray(curves["cn_histogram"], dtype=float)
     width = 0.4 if ref else 0.8
@@ -41,14 +46,8 @@ def plot_structure_report(report: dict, path: str | os.PathLike, title: str | No
     ax.set_ylabel("fraction of atoms")
     ax.set_title("coordination")
     ax.legend()
-    ax = axes[2]
-    ax.plot(curves["angle_deg"], curves["angle_density"], label="samples", color="C0")
-    if ref:
-        ax.plot(ref["angle_deg"], ref["angle_density"], label="reference", color="k", ls="--")
-    ax.set_xlabel("bond angle (°)")
-    ax.set_ylabel("probability density (1/°)")
-    ax.set_title("bond angles")
-    ax.legend()
+    _curve_panel(axes[2], curves, ref, "angle_deg", "angle_density", "bond angle (°)",
+                 "probability density (1/°)", "bond angles")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
