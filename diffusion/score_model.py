@@ -167,6 +167,17 @@ class Interaction(nn.Module):
             [torch.arange(self.tp.irreps_out.dim)[out_slices[self.tp.instructions[k].i_out]]
              for k in kept]), persistent=False)
 
+    def start_as_identity(self) -> None:
+        """Zero both output mixes: the gate then outputs zero and the residual passes the input
+        through unchanged, so a layer inserted into a trained model leaves its scores as they
+        were (and still learns: the mixes' gradients are not zero)."""
+        if not self.residual:
+            raise ValueError("only a residual layer (irreps_in == irreps_out) can start as the "
+                             "identity")
+        with torch.no_grad():
+            self.linear_msg.weight.zero_()
+            self.self_connection.weight.zero_()
+
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         if self.tp_used is not None:

@@ -77,22 +77,34 @@ def extra_structures(root: Path, path: str, weight) -> list:
 
 def warm_start(score_model, path: str) -> None:
     """Start from the (EMA) weights of an exported prior; its architecture must match, except
-    that a density embedding the source lacks is added (it starts at zero: same scores)."""
+    that a density embedding the source lacks is added (it starts at zero: same scores), and
+    that a deeper model gets its extra interaction layers inserted before the source's last one,
+    each starting as the identity (same scores): more capacity without starting over."""
     from xanesdiff.datasets.errors import XanesdiffInputError
     from xanesdiff.diffusion.prior import learned_state, load_prior
 
     source = load_prior(path).score_model
+    n_source, n_target = source.config()["n_layers"], score_model.config()["n_layers"]
+    inserted = range(n_source - 1, n_target - 1)
+    state = learned_state(source.state_dict())
+    if n_target > n_source:
+        last = f"layers.{n_source - 1}."
+        state = {(f"layers.{n_target - 1}." + k[len(last):] if k.startswith(last) else k): v
+                 for k, v in state.items()}
     try:
-        missing, unexpected = score_model.load_state_dict(learned_state(source.state_dict()),
-                                                          strict=False)
-        not_new = [k for k in missing if not k.startswith("density_embedding.")]
+        missing, unexpected = score_model.load_state_dict(state, strict=False)
+        new = ("density_embedding.",) + tuple(f"layers.{k}." for k in inserted)
+        not_new = [k for k in missing if not k.startswith(new)]
         problem = (f"missing keys {not_new[:3]}, unexpected keys {unexpected[:3]}"
                    if not_new or unexpected else None)
     except RuntimeError as exc:  # a parameter of another shape
         problem = str(exc).splitlines()[0]
     if problem:
         raise XanesdiffInputError(f"weights do not fit score_model: {problem}; use the "
-                                  f"score_model config the prior was trained with", str(path))
+                                  f"score_model config the prior was trained with (or more "
+                                  f"n_layers)", str(path))
+    for k in inserted:
+        score_model.layers[k].start_as_identity()
 
 
 def run(cfg: DictConfig) -> dict:

@@ -385,3 +385,32 @@ def test_warm_start_adds_a_density_embedding_but_refuses_other_mismatches(tmp_pa
     wider = EquivariantScoreModel(**{**plain.config(), "irreps_hidden": "12x0e + 4x1o + 2x1e"})
     with pytest.raises(XanesdiffInputError, match="do not fit"):
         warm_start(wider, str(tmp_path / "plain.pt"))
+
+
+def test_warm_start_deepens_a_prior_without_changing_its_scores(tmp_path, cell_and_pos):
+    from xanesdiff.datasets.errors import XanesdiffInputError
+    from xanesdiff.diffusion.prior import save_prior
+    from xanesdiff.scripts.train_prior import warm_start
+
+    cell, pos, numbers = cell_and_pos
+    plain = small_model()
+    save_prior(tmp_path / "plain.pt", plain, VESchedule())
+    deeper = EquivariantScoreModel(**{**plain.config(), "n_layers": 4})
+    before = scores(deeper.double(), pos, cell, numbers)
+    warm_start(deeper, str(tmp_path / "plain.pt"))
+    deeper = deeper.double()
+    reference = scores(plain, pos, cell, numbers)
+    assert rel_err(before, reference) > 0.1  # a fresh deeper model scores otherwise
+    assert rel_err(scores(deeper, pos, cell, numbers), reference) < 1e-6
+    # the source's layers kept their weights: its last one is now the deeper model's last
+    state = deeper.state_dict()
+    for name, value in plain.state_dict().items():
+        moved = name.replace("layers.1.", "layers.3.") if name.startswith("layers.1.") else name
+        assert torch.equal(state[moved], value), name
+    # the inserted layers learn: their output mixes get gradients
+    scores(deeper, pos, cell, numbers).pow(2).sum().backward()
+    for k in (1, 2):
+        assert deeper.layers[k].linear_msg.weight.grad.abs().max() > 0
+    shallower = EquivariantScoreModel(**{**plain.config(), "n_layers": 1})
+    with pytest.raises(XanesdiffInputError, match="do not fit"):
+        warm_start(shallower, str(tmp_path / "plain.pt"))
