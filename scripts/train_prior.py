@@ -101,8 +101,8 @@ def warm_start(score_model, path: str) -> None:
         problem = str(exc).splitlines()[0]
     if problem:
         raise XanesdiffInputError(f"weights do not fit score_model: {problem}; use the "
-                                  f"score_model config the prior was trained with (or more "
-                                  f"n_layers)", str(path))
+                                  f"score_model config the prior was trained with (n_layers "
+                                  f"may be larger)", str(path))
     for k in inserted:
         score_model.layers[k].start_as_identity()
 
