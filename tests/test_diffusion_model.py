@@ -395,10 +395,9 @@ def test_warm_start_deepens_a_prior_without_changing_its_scores(tmp_path, cell_a
     cell, pos, numbers = cell_and_pos
     plain = small_model()
     save_prior(tmp_path / "plain.pt", plain, VESchedule())
-    deeper = EquivariantScoreModel(**{**plain.config(), "n_layers": 4})
-    before = scores(deeper.double(), pos, cell, numbers)
+    deeper = EquivariantScoreModel(**{**plain.config(), "n_layers": 4}).double()
+    before = scores(deeper, pos, cell, numbers)
     warm_start(deeper, str(tmp_path / "plain.pt"))
-    deeper = deeper.double()
     reference = scores(plain, pos, cell, numbers)
     assert rel_err(before, reference) > 0.1  # a fresh deeper model scores otherwise
     assert rel_err(scores(deeper, pos, cell, numbers), reference) < 1e-6
