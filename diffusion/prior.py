@@ -9,11 +9,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from xanesdiff.datasets.errors import XanesdiffInputError
+from xanesdiff.diffusion.autoguidance import Autoguidance, AutoguidedScoreModel
 from xanesdiff.diffusion.fidelity_record import FidelityRecord, load_fidelity_record
 from xanesdiff.diffusion.hard_core import HardCoreScore
 from xanesdiff.diffusion.neighbors import NeighborListCache
@@ -130,9 +133,18 @@ def save_prior(path: str | os.PathLike, score_model: EquivariantScoreModel, sche
     return path
 
 
-# Shipped priors by name: the default (l ≤ 3 hidden features) and one ≈2.5× cheaper per score
-# call (l ≤ 1, the default until session 7) for very large cells and quick runs.
-SHIPPED_PRIORS = {"default": "prior_default.pt", "fast": "prior_fast.pt"}
+# Shipped priors by name: the default (l ≤ 3 hidden features), one ≈2.5× cheaper per score
+# call (l ≤ 1, the default until session 7) for very large cells and quick runs, and the default's
+# architecture trained without the 2.5 g/cm³ network (the leave-out benchmark's prior, and the
+# weaker model that autoguides the default in dense cells).
+SHIPPED_PRIORS = {"default": "prior_default.pt", "fast": "prior_fast.pt",
+                  "without_2.5": "prior_without_2.5.pt"}
+
+# What `autoguidance="auto"` means for each shipped prior (the others have none): the default
+# prior pushed away from the less-trained `without_2.5`, from 0 at 3.0 to full weight at 3.5 g/cm³,
+# where it halves the five-fold sites (benchmarks/prior.json, session19_autoguidance).
+SHIPPED_AUTOGUIDANCE = {"default": Autoguidance(weaker="without_2.5", weight=1.0,
+                                                from_g_cm3=3.0, to_g_cm3=3.5)}
 
 
 def prior_checkpoint_path(name_or_path: str | os.PathLike | None = None) -> Path:
@@ -142,14 +154,9 @@ def prior_checkpoint_path(name_or_path: str | os.PathLike | None = None) -> Path
     return xanesdiff.shipped_checkpoint_path(name_or_path, SHIPPED_PRIORS)
 
 
-def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0,
-               hard_core_A: float | None = 1.1, device: str | torch.device = "cpu"
-               ) -> DiffusionPrior:
-    """Load a prior checkpoint: a path, or a shipped name (`SHIPPED_PRIORS`: default | fast);
-    `None` loads the default. `hard_core_A` (Å): closest pair distance kept by a
-    `HardCoreScore` (None: the learned score alone). `device`: where the score model runs.
-    The benchmark record beside the checkpoint, if any, becomes `prior.fidelity`."""
-    path = prior_checkpoint_path(path)
+def read_prior_checkpoint(path: Path) -> tuple[EquivariantScoreModel, VESchedule, dict]:
+    """(score model, schedule, metadata) of a prior checkpoint file, with clear errors for a
+    missing, unreadable, foreign or too new file."""
     if not path.exists():
         raise XanesdiffInputError("prior checkpoint does not exist", str(path))
     try:
@@ -168,9 +175,68 @@ def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0,
             f"{CHECKPOINT_VERSION}); retrain or use a matching xanesdiff", str(path))
     model = EquivariantScoreModel(**payload["score_model"]["config"])
     model.load_state_dict(learned_state(payload["state_dict"]))
-    schedule = schedule_from_config(payload["schedule"])
+    return model, schedule_from_config(payload["schedule"]), dict(payload.get("metadata") or {})
+
+
+def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0,
+               hard_core_A: float | None = 1.1, device: str | torch.device = "cpu",
+               autoguidance: Autoguidance | Mapping | str | None = None) -> DiffusionPrior:
+    """Load a prior checkpoint: a path, or a shipped name (`SHIPPED_PRIORS`: default | fast);
+    `None` loads the default. `hard_core_A` (Å): closest pair distance kept by a
+    `HardCoreScore` (None: the learned score alone). `device`: where the score model runs.
+    `autoguidance`: push the score away from a weaker prior's (`autoguidance.py`): an
+    `Autoguidance` or its fields as a mapping, "auto" (the pairing shipped for this prior,
+    `SHIPPED_AUTOGUIDANCE`, if any), or None / "none" / a weight of 0: the prior's own score.
+    The benchmark record beside the checkpoint, if any, becomes `prior.fidelity`."""
+    path = prior_checkpoint_path(path)
+    model, schedule, metadata = read_prior_checkpoint(path)
+    autoguidance = resolve_autoguidance(autoguidance, path)
+    if autoguidance is not None and float(autoguidance.weight) > 0:
+        model = autoguided(model, schedule, autoguidance)
+        metadata["autoguidance"] = {**asdict(autoguidance), "weaker": str(
+            prior_checkpoint_path(autoguidance.weaker))}
     hard_core = HardCoreScore(hard_core_A) if hard_core_A is not None else None
-    prior = DiffusionPrior(model, schedule, skin_A=skin_A, metadata=payload.get("metadata"),
+    prior = DiffusionPrior(model, schedule, skin_A=skin_A, metadata=metadata,
                            hard_core=hard_core).to(device)
     prior.fidelity = load_fidelity_record(path)
     return prior
+
+
+def resolve_autoguidance(setting: Autoguidance | Mapping | str | None, prior_path: Path
+                         ) -> Autoguidance | None:
+    """An `Autoguidance` (or None) from a config's setting for the prior at `prior_path`."""
+    if setting is None or isinstance(setting, Autoguidance):
+        return setting
+    if isinstance(setting, str):
+        if setting == "none":
+            return None
+        if setting == "auto":
+            shipped = {prior_checkpoint_path(name).resolve(): choice
+                       for name, choice in SHIPPED_AUTOGUIDANCE.items()}
+            return shipped.get(Path(prior_path).resolve())
+    elif isinstance(setting, Mapping):
+        try:
+            return Autoguidance(**setting)
+        except TypeError as exc:
+            raise XanesdiffInputError(
+                f"{exc}; expected fields weaker, weight, from_g_cm3, to_g_cm3",
+                "autoguidance") from None
+    raise XanesdiffInputError(f"expected auto, none or a mapping with a weaker prior, got "
+                              f"{setting!r}", "autoguidance")
+
+
+def autoguided(model: EquivariantScoreModel, schedule: VESchedule, autoguidance: Autoguidance
+               ) -> AutoguidedScoreModel:
+    """`model` autoguided by the weaker prior that `autoguidance` names, which must share its
+    cutoff and noise `schedule` (a clear error naming the weaker file otherwise)."""
+    weak_path = prior_checkpoint_path(autoguidance.weaker)
+    weak_model, weak_schedule, _ = read_prior_checkpoint(weak_path)
+    if weak_schedule.config() != schedule.config():
+        raise XanesdiffInputError(
+            f"the weaker prior's noise schedule {weak_schedule.config()} differs from the "
+            f"prior's {schedule.config()}; autoguidance needs one schedule", str(weak_path))
+    try:
+        return AutoguidedScoreModel(model, weak_model, float(autoguidance.weight),
+                                    autoguidance.from_g_cm3, autoguidance.to_g_cm3)
+    except ValueError as exc:
+        raise XanesdiffInputError(str(exc), str(weak_path)) from None

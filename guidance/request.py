@@ -154,11 +154,12 @@ def compose_generate_config(overrides: list[str] | None = None) -> DictConfig:
 
 def load_configured_prior(cfg: DictConfig, device="cpu"):
     """The prior a generate config names: `models.prior` (a checkpoint or shipped name) with the
-    hard core of `models.hard_core_A` (Å), on `device`. One place, so every caller runs the
-    prior asked for."""
+    hard core of `models.hard_core_A` (Å) and `models.autoguidance`, on `device`. One place, so
+    every caller runs the prior asked for."""
     from xanesdiff.diffusion.prior import load_prior
 
-    return load_prior(cfg.models.prior, hard_core_A=cfg.models.hard_core_A, device=device)
+    return load_prior(cfg.models.prior, hard_core_A=cfg.models.hard_core_A, device=device,
+                      autoguidance=cfg.models.get("autoguidance", "auto"))
 
 
 def make_generator(cfg: DictConfig, prior, surrogate, terms: list, n_atoms: int | None = None):

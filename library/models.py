@@ -9,6 +9,7 @@ directly as a `LibraryModels`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.datasets.spectra_io import file_sha256
 
 _LOADED: dict = {}
-"""Checkpoint-loaded models by (kind, path, sha256): hydra multirun jobs in one process share them."""
+"""Checkpoint-loaded models by (kind, path, sha256, device, variant): hydra multirun jobs in one
+process share them."""
 
 
 @dataclass
@@ -29,12 +31,14 @@ class LibraryModels:
     provenance: dict = field(default_factory=dict)
 
 
-def _checkpoint(kind: str, path, loader, device="cpu") -> tuple[object, dict]:
+def _checkpoint(kind: str, path, loader, device="cpu", variant=None) -> tuple[object, dict]:
+    """(model, provenance) of a checkpoint file, loaded once per (file, device, `variant`: what
+    else the loader was given)."""
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise XanesdiffInputError(f"{kind} checkpoint does not exist", str(path))
     sha = file_sha256(path)
-    cache_key = (kind, str(path), sha, str(device))
+    cache_key = (kind, str(path), sha, str(device), repr(variant))
     if cache_key not in _LOADED:
         _LOADED[cache_key] = loader(path, device=device)
     return _LOADED[cache_key], {"path": str(path), "sha256": sha}
@@ -90,8 +94,12 @@ def load_models(models_cfg: dict, device="cpu") -> LibraryModels:
     from xanesdiff.diffusion.prior import load_prior, prior_checkpoint_path
     from xanesdiff.forward.surrogate import load_surrogate, surrogate_checkpoint_path
 
+    autoguidance = cfg.get("autoguidance", "auto")
     prior, prior_info = _checkpoint(  # a path, or a shipped name such as "fast"
-        "prior", prior_checkpoint_path(cfg.get("prior")), load_prior, device)
+        "prior", prior_checkpoint_path(cfg.get("prior")),
+        functools.partial(load_prior, autoguidance=autoguidance), device, variant=autoguidance)
+    if "autoguidance" in prior.metadata:
+        prior_info["autoguidance"] = prior.metadata["autoguidance"]
     surrogate, surrogate_info = _checkpoint(  # a path, or a shipped name such as "fast"
         "surrogate", surrogate_checkpoint_path(cfg.get("surrogate")), load_surrogate, device)
     provenance = {"prior": prior_info, "surrogate": surrogate_info}

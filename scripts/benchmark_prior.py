@@ -78,7 +78,8 @@ def markdown(result: dict) -> str:
              f"Checkpoints: `{result['checkpoint']}` (step {result['checkpoint_step']})"
              + (f", leave-out `{result['leave_out_checkpoint']}`  "
                 if result.get("leave_out_checkpoint") else "  "),
-             f"Sampler: `{json.dumps(result['sampler'])}`", "",
+             f"Sampler: `{json.dumps(result['sampler'])}`  ",
+             f"Autoguidance: `{json.dumps(result.get('autoguidance'))}`", "",
              "Targets: CN1 ≤ 0.01, CN5+ ≤ 0.01, |Δsp3| ≤ 0.05, |Δsp2| ≤ 0.05, |Δ RDF peak| ≤ 0.03 Å, "
              "dmin ≥ 1.1 Å; leave-out |Δsp3| ≤ 0.08. Fractions of atoms (cutoff 1.85 Å). RDF peak: "
              f"g(r) smoothed by {RDF_PEAK_SMOOTHING_A} Å (`rdf_peak_err_unsmoothed` in the JSON: raw 0.02 Å bins).", "",
@@ -147,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default="pc", help="configs/sampler/<name>.yaml")
     p.add_argument("--set", nargs="*", default=[], help="sampler overrides, e.g. n_steps=200")
+    p.add_argument("--autoguidance", default="auto",
+                   help="auto (the shipped pairing, as in sample and generate) | none")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="benchmarks/prior.json")
     p.add_argument("--no-leave-out", action="store_true")
@@ -192,7 +195,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     dataset = load_dataset()
-    prior = load_prior(args.checkpoint)
+    prior = load_prior(args.checkpoint, autoguidance=args.autoguidance)
     sampler, sampler_cfg = make_sampler(args.sampler, prior.schedule, args.set)
     networks = dataset.networks
     if args.densities:
@@ -205,7 +208,8 @@ def main(argv=None) -> int:
                          f"torch {torch.__version__}, {torch.get_num_threads()} threads",
               "checkpoint": _as_recorded(args.checkpoint or prior_checkpoint_path()),
               "checkpoint_step": prior.metadata.get("global_step"),
-              "sampler": sampler_cfg, "targets": TARGETS}
+              "sampler": sampler_cfg, "targets": TARGETS,
+              "autoguidance": prior.metadata.get("autoguidance")}
     for network in networks:
         rho = dataset.network_density(network)
         reference = [f.atoms for f in dataset.frames_of([network])]

@@ -45,7 +45,8 @@ def run(cfg: DictConfig) -> dict:
     if int(cfg.n) < 1:
         raise XanesdiffInputError(f"n must be ≥ 1, got {cfg.n}", "n")
     device = resolve_device(cfg.get("device", "auto"))
-    prior = load_prior(cfg.checkpoint, hard_core_A=cfg.hard_core_A, device=device)
+    prior = load_prior(cfg.checkpoint, hard_core_A=cfg.hard_core_A, device=device,
+                       autoguidance=cfg.get("autoguidance", "auto"))
     sampler = hydra.utils.instantiate(cfg.sampler, schedule=prior.schedule)
     cell = None if cfg.cell is None else OmegaConf.to_container(cfg.cell)
     density = None if cfg.density is None else float(cfg.density)

@@ -129,7 +129,7 @@ def test_shipped_priors_load_by_name_and_differ():
     assert prior_checkpoint_path(None) == prior_checkpoint_path("default")
     assert prior_checkpoint_path("elsewhere/p.pt") == Path("elsewhere/p.pt")
     lmax = {name: load_prior(name).score_model.config()["lmax"] for name in SHIPPED_PRIORS}
-    assert lmax == {"default": 3, "fast": 2}
+    assert lmax == {"default": 3, "fast": 2, "without_2.5": 3}
 
 
 def test_deep_copied_high_order_model_saves_and_loads(tmp_path):
