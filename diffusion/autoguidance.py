@@ -66,16 +66,20 @@ class AutoguidedScoreModel(nn.Module):
         return {"good": self.good.config(), "weak": self.weak.config(), "weight": self.weight,
                 "from_g_cm3": self.from_g_cm3, "to_g_cm3": self.to_g_cm3}
 
+    def weight_at(self, density_g_cm3):
+        """w at a mass density (g/cm³): a float, or a tensor of densities."""
+        if self.from_g_cm3 is None:
+            return density_g_cm3 * 0 + self.weight
+        share = (density_g_cm3 - self.from_g_cm3) / (self.to_g_cm3 - self.from_g_cm3)
+        share = share.clamp(0.0, 1.0) if torch.is_tensor(share) else min(max(share, 0.0), 1.0)
+        return self.weight * share
+
     def cell_weights(self, numbers: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor
                      ) -> torch.Tensor:
         """w of each cell (B,), from its mass density (g/cm³)."""
         cell = cell.reshape(-1, 3, 3)
-        if self.from_g_cm3 is None:
-            return cell.new_full((cell.shape[0],), self.weight)
         masses = self.masses_amu.to(cell.dtype)[numbers.clamp(0, self.masses_amu.numel() - 1)]
-        rho = DensityEmbedding.cell_density_g_cm3(masses, cell, batch)
-        share = (rho - self.from_g_cm3) / (self.to_g_cm3 - self.from_g_cm3)
-        return self.weight * share.clamp(0.0, 1.0)
+        return self.weight_at(DensityEmbedding.cell_density_g_cm3(masses, cell, batch))
 
     def forward(self, pos, cell, numbers, sigma, edge_index, edge_shift, batch=None
                 ) -> torch.Tensor:
@@ -87,3 +91,11 @@ class AutoguidedScoreModel(nn.Module):
             return good
         weak = self.weak(pos, cell, numbers, sigma, edge_index, edge_shift, batch)
         return good + weight[batch].unsqueeze(-1) * (good - weak)
+
+
+def autoguidance_weight(score_model: nn.Module, density_g_cm3: float) -> float | None:
+    """The autoguidance weight a prior's score model uses at `density_g_cm3` (g/cm³), for
+    reports; None when the model is not autoguided."""
+    if isinstance(score_model, AutoguidedScoreModel):
+        return float(score_model.weight_at(float(density_g_cm3)))
+    return None

@@ -18,6 +18,7 @@ from ase.data import atomic_numbers
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.datasets.graph import wrap_positions
 from xanesdiff.datasets.structures import density_g_cm3 as density_of_atoms
+from xanesdiff.diffusion.autoguidance import autoguidance_weight
 from xanesdiff.diffusion.samplers import gaussian_like
 from xanesdiff.diffusion.sampling import (default_sampler, density_of_cell,
                                           resolve_cell_and_count)
@@ -136,7 +137,9 @@ class GuidedGenerator:
                       cell=cell, pbc=True)
         atoms.wrap()
         ratios = [h["guidance_to_prior_rms"] for h in score_fn.history]
+        autoguidance = autoguidance_weight(self.prior.score_model, density)
         return atoms, {"guided": guided, "guided_steps": len(ratios),
+                       **({} if autoguidance is None else {"autoguidance_weight": autoguidance}),
                        "max_guidance_to_prior_rms": max(ratios) if ratios else 0.0,
                        **{f"sampler_{name}": scale for name, scale in
                           self.sampler.noise_scales_for(density).items() if scale is not None}}

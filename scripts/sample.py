@@ -34,6 +34,7 @@ def run(cfg: DictConfig) -> dict:
     from xanesdiff.analysis.structure import structure_report
     from xanesdiff.datasets.errors import XanesdiffInputError
     from xanesdiff.datasets.structures import density_g_cm3
+    from xanesdiff.diffusion.autoguidance import autoguidance_weight
     from xanesdiff.diffusion.fidelity_record import prior_concerns
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.datasets.spectra_io import atomic_write_text
@@ -64,9 +65,12 @@ def run(cfg: DictConfig) -> dict:
     report = structure_report(frames, reference=reference)
     report["reference_network"] = network
     report["prior_fidelity"] = prior_concerns(prior, sampled_density)
+    autoguidance = autoguidance_weight(prior.score_model, sampled_density)
     report["sampling"] = {"checkpoint": str(cfg.checkpoint or "checkpoints/prior_default.pt"),
                           "sampler": OmegaConf.to_container(cfg.sampler), "seed": int(cfg.seed),
                           "noise_scales": sampler.noise_scales_for(sampled_density),
+                          "autoguidance": None if autoguidance is None else {
+                              **prior.metadata["autoguidance"], "weight_here": autoguidance},
                           "device": str(device),
                           "n_score_evals": sampler.n_score_evals, "wall_s": elapsed,
                           "command": "xanesdiff sample " + " ".join(sys.argv[1:])}

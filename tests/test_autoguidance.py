@@ -6,7 +6,8 @@ import torch
 from e3nn import o3
 
 from xanesdiff.datasets.errors import XanesdiffInputError
-from xanesdiff.diffusion.autoguidance import Autoguidance, AutoguidedScoreModel
+from xanesdiff.diffusion.autoguidance import (Autoguidance, AutoguidedScoreModel,
+                                              autoguidance_weight)
 from xanesdiff.diffusion.prior import load_prior, save_prior
 from xanesdiff.diffusion.samplers import EulerMaruyama
 from xanesdiff.diffusion.schedule import VESchedule
@@ -80,6 +81,10 @@ def test_the_weight_ramps_with_each_cells_density_and_the_weak_model_runs_only_w
     torch.testing.assert_close(model.cell_weights(numbers, cells, batch),
                                torch.tensor([0.0, 0.0, 1.0, 2.0, 2.0], dtype=torch.float64),
                                atol=1e-5, rtol=0)  # masses in float32
+    # what reports say: the weight at a density, None for a model that is not autoguided
+    assert [autoguidance_weight(model, rho) for rho in densities] == pytest.approx(
+        [0.0, 0.0, 1.0, 2.0, 2.0])
+    assert autoguidance_weight(good, 3.5) is None
     # a mixed batch of a light cell (24 C in (8 Å)³: 0.94 g/cm³, w = 0) and a dense one
     # (24 C in (5 Å)³: 3.83 g/cm³, w = 2): each cell's score is its own (1 + w)·good − w·weak
     pos, _, _ = random_cell(24, 5.0)
@@ -140,3 +145,41 @@ def test_a_weaker_prior_that_does_not_fit_is_named(tmp_path):
     assert "schedule.pt" in str(err.value)
     with pytest.raises(XanesdiffInputError, match="does not exist"):
         load_prior(good, autoguidance=Autoguidance(tmp_path / "missing.pt"))
+
+
+def test_auto_is_the_pairing_shipped_for_the_default_prior_and_nothing_for_others(tmp_path):
+    from xanesdiff.diffusion.prior import (SHIPPED_AUTOGUIDANCE, prior_checkpoint_path,
+                                           resolve_autoguidance)
+
+    default = prior_checkpoint_path("default")
+    assert resolve_autoguidance("auto", default) == SHIPPED_AUTOGUIDANCE["default"]
+    assert resolve_autoguidance("auto", prior_checkpoint_path("fast")) is None
+    assert resolve_autoguidance("none", default) is None
+    assert resolve_autoguidance({"weaker": "x.pt", "weight": 0.5}, default) == Autoguidance(
+        "x.pt", 0.5)
+    with pytest.raises(XanesdiffInputError, match="autoguidance.*auto, none or a mapping"):
+        resolve_autoguidance("always", default)
+    with pytest.raises(XanesdiffInputError, match="weaker, weight, from_g_cm3, to_g_cm3"):
+        resolve_autoguidance({"weaker": "x.pt", "strength": 2}, default)
+
+
+def test_generate_config_switches_autoguidance_on_by_default_and_off_by_override():
+    from xanesdiff.guidance.request import compose_generate_config, load_configured_prior
+
+    on = load_configured_prior(compose_generate_config([]))
+    off = load_configured_prior(compose_generate_config(["models.autoguidance=none"]))
+    assert isinstance(on.score_model, AutoguidedScoreModel)
+    assert on.score_model.weak.config() == load_prior("without_2.5").score_model.config()
+    assert not isinstance(off.score_model, AutoguidedScoreModel)
+    # below 3.0 g/cm³ the autoguided default scores exactly as the plain one
+    from xanesdiff.diffusion.sampling import cubic_cell_for_density
+
+    cell = torch.as_tensor(cubic_cell_for_density(64, 2.5))
+    pos = torch.rand(64, 3, generator=torch.Generator().manual_seed(0)) @ cell.float()
+    numbers = torch.full((64,), 6)
+    torch.testing.assert_close(on.score(pos, cell, numbers, 0.1),
+                               off.score(pos, cell, numbers, 0.1))
+    dense = torch.as_tensor(cubic_cell_for_density(64, 3.5))
+    pos = pos @ torch.linalg.inv(cell.float()) @ dense.float()
+    difference = on.score(pos, dense, numbers, 0.1) - off.score(pos, dense, numbers, 0.1)
+    assert difference.abs().max() > 1e-3
