@@ -466,7 +466,7 @@ def test_speed_benchmark_runs_the_prior_and_sampler_its_overrides_name(monkeypat
     overrides = ["models.prior=fast", "models.surrogate=fast", "models.hard_core_A=1.0",
                  "sampler.n_steps=2", "sampler.final_corrector_steps=0"]
     seconds, atoms, log = xanesdiff_guided_sample(target, overrides=overrides)
-    assert loaded == [("fast", {"hard_core_A": 1.0, "device": "cpu"})]
+    assert loaded == [("fast", {"hard_core_A": 1.0, "device": "cpu", "autoguidance": "auto"})]
     assert len(atoms) == N_ATOMS and seconds > 0
     assert log["n_score_evals"] == 2 * 3 + 1  # 2 PC steps of 1 + 2 calls, the final denoise
 
@@ -483,7 +483,8 @@ def test_scale_benchmark_guided_cell_runs_the_generate_overrides_it_is_given(mon
                         lambda name=None, **kw: loaded.append((name, kw)) or real_load(name, **kw))
     overrides = ["models.hard_core_A=1.0", "sampler.n_steps=2", "sampler.final_corrector_steps=0"]
     result = large_guided(240, n_small=1, guide="fast", prior_name="fast", overrides=overrides)
-    assert loaded == [("fast", {"hard_core_A": 1.0, "device": torch.device("cpu")})]
+    assert loaded == [("fast", {"hard_core_A": 1.0, "device": torch.device("cpu"),
+                                "autoguidance": "auto"})]
     assert result["guided_overrides"] == overrides
     assert "2 steps" in result["guided_sampler"]
     assert result["atoms"] == 240 and result["guided_s"] > 0
