@@ -28,7 +28,7 @@ from xanesdiff.diffusion.score_model import DensityEmbedding
 
 @dataclass
 class Autoguidance:
-    """What `load_prior` needs to autoguide a prior (hydra-instantiable from configs).
+    """What `load_prior` needs to autoguide a prior (configs give its fields as a mapping).
 
     `weaker`: a prior checkpoint or shipped name with the prior's cutoff and noise schedule;
     `weight` w ≥ 0; `from_g_cm3` / `to_g_cm3`: the density ramp of w (None: w everywhere)."""
@@ -66,13 +66,14 @@ class AutoguidedScoreModel(nn.Module):
         return {"good": self.good.config(), "weak": self.weak.config(), "weight": self.weight,
                 "from_g_cm3": self.from_g_cm3, "to_g_cm3": self.to_g_cm3}
 
-    def weight_at(self, density_g_cm3):
-        """w at a mass density (g/cm³): a float, or a tensor of densities."""
+    def weight_at(self, density_g_cm3: float | torch.Tensor) -> torch.Tensor:
+        """w at mass densities (g/cm³), a tensor of their shape."""
+        rho = (density_g_cm3 if torch.is_tensor(density_g_cm3)
+               else torch.tensor(float(density_g_cm3), dtype=torch.float64))
         if self.from_g_cm3 is None:
-            return density_g_cm3 * 0 + self.weight
-        share = (density_g_cm3 - self.from_g_cm3) / (self.to_g_cm3 - self.from_g_cm3)
-        share = share.clamp(0.0, 1.0) if torch.is_tensor(share) else min(max(share, 0.0), 1.0)
-        return self.weight * share
+            return torch.full_like(rho, self.weight)
+        share = (rho - self.from_g_cm3) / (self.to_g_cm3 - self.from_g_cm3)
+        return self.weight * share.clamp(0.0, 1.0)
 
     def cell_weights(self, numbers: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor
                      ) -> torch.Tensor:
@@ -97,5 +98,5 @@ def autoguidance_weight(score_model: nn.Module, density_g_cm3: float) -> float |
     """The autoguidance weight a prior's score model uses at `density_g_cm3` (g/cm³), for
     reports; None when the model is not autoguided."""
     if isinstance(score_model, AutoguidedScoreModel):
-        return float(score_model.weight_at(float(density_g_cm3)))
+        return float(score_model.weight_at(density_g_cm3))
     return None
