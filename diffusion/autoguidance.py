@@ -62,10 +62,6 @@ class AutoguidedScoreModel(nn.Module):
         self.register_buffer("masses_amu", torch.as_tensor(atomic_masses, dtype=torch.float32),
                              persistent=False)
 
-    def config(self) -> dict:
-        return {"good": self.good.config(), "weak": self.weak.config(), "weight": self.weight,
-                "from_g_cm3": self.from_g_cm3, "to_g_cm3": self.to_g_cm3}
-
     def weight_at(self, density_g_cm3: float | torch.Tensor) -> torch.Tensor:
         """w at mass densities (g/cm³), a tensor of their shape."""
         rho = (density_g_cm3 if torch.is_tensor(density_g_cm3)
