@@ -95,6 +95,8 @@ def fidelity_from_benchmark(result: dict, advice: str = "") -> FidelityRecord:
             f", {sampler['n_steps']} steps" if "n_steps" in sampler else "")
         if sampler.get("density_cooling"):
             name += f", cooled from {sampler['density_cooling']['from_g_cm3']} g/cm³"
+        if dense := sampler.get("dense_steps"):
+            name += f", {dense['factor']}× the steps from {dense['from_g_cm3']} g/cm³"
     if (autoguidance := result.get("autoguidance")) and autoguidance.get("from_g_cm3"):
         name += f", autoguided from {autoguidance['from_g_cm3']} g/cm³"
     n_samples = max((int(row.get("n_samples", 0)) for row in result["per_density"].values()),

@@ -65,6 +65,26 @@ class DensityCooling:
         return min(own, (1 - share) * own + share * self.noise_scale)
 
 
+@dataclass(frozen=True)
+class DenseCellSteps:
+    """More steps for denser cells: in a cell at or above `from_g_cm3` (g/cm³) every step count
+    of a sampler (its predictor steps, the corrector steps after each, restart steps) is
+    multiplied by `factor`, so a denser network, slower to equilibrate, gets a longer run.
+    A partial run (from a partly noised structure) is multiplied alike."""
+
+    from_g_cm3: float = 3.3
+    factor: int = 2
+
+    def __post_init__(self):
+        if int(self.factor) != self.factor or self.factor < 1 or self.from_g_cm3 <= 0:
+            raise ValueError(f"dense-cell steps need a whole factor ≥ 1 and from_g_cm3 > 0 "
+                             f"(got factor {self.factor}, from_g_cm3 {self.from_g_cm3})")
+
+    def count(self, own: int, density_g_cm3: float) -> int:
+        """The step count that replaces `own` in a cell of `density_g_cm3` (g/cm³)."""
+        return own * int(self.factor) if density_g_cm3 >= self.from_g_cm3 else own
+
+
 class Sampler:
     """Base: a time grid from `t_start` to `t_end` (uniform in t^(1/grid_power): grid_power > 1
     puts more steps at small noise), optional final Langevin corrector steps at `t_end` and a
@@ -73,15 +93,18 @@ class Sampler:
     the sampler aims at ≈ p^(1/T), sharper and less diverse samples (a Gaussian's variance shrinks
     by T). With `low_noise_t` set, steps at t ≤ low_noise_t (and the final correctors) use
     `low_noise_scale` instead: a colder end for the local structure. With `density_cooling` (a
-    `DensityCooling`), `sample(..., density_g_cm3=ρ)` runs with the noise scales it gives at ρ."""
+    `DensityCooling`), `sample(..., density_g_cm3=ρ)` runs with the noise scales it gives at ρ;
+    with `dense_steps` (a `DenseCellSteps`), with the step counts it gives at ρ."""
 
     name = "base"
+    step_counts = ("n_steps",)  # the attributes `dense_steps` multiplies
 
     def __init__(self, schedule, n_steps: int = 100, t_start: float = 1.0, t_end: float = 0.01,
                  final_corrector_steps: int = 0, corrector_snr: float = 0.1,
                  final_denoise: bool = True, grid_power: float = 1.0, noise_scale: float = 1.0,
                  low_noise_scale: float | None = None, low_noise_t: float | None = None,
-                 density_cooling: DensityCooling | None = None):
+                 density_cooling: DensityCooling | None = None,
+                 dense_steps: DenseCellSteps | None = None):
         if not hasattr(schedule, "diffusion_coeff_sq") or not hasattr(schedule, "sigma"):
             raise IncompatibleSampler(f"{type(self).__name__} needs a schedule with sigma(t) and "
                                       f"diffusion_coeff_sq(t), got {type(schedule).__name__}")
@@ -102,6 +125,7 @@ class Sampler:
         self.low_noise_scale = None if low_noise_scale is None else float(low_noise_scale)
         self.low_noise_t = None if low_noise_t is None else float(low_noise_t)
         self.density_cooling = density_cooling
+        self.dense_steps = dense_steps
         self.n_score_evals = 0
 
     def time_grid(self, t_start: float | None = None, t_end: float | None = None,
@@ -131,16 +155,24 @@ class Sampler:
         return {name: None if own is None else self.density_cooling.scale(own, density_g_cm3)
                 for name, own in scales.items()}
 
+    def steps_for(self, density_g_cm3: float | None) -> dict:
+        """The step counts a run in a cell of `density_g_cm3` (g/cm³) uses (None: its own)."""
+        own = {name: getattr(self, name) for name in self.step_counts}
+        if self.dense_steps is None or density_g_cm3 is None:
+            return own
+        return {name: self.dense_steps.count(n, density_g_cm3) for name, n in own.items()}
+
     @contextmanager
-    def cooled_for(self, density_g_cm3: float | None):
-        """Within the block the sampler runs at the noise scales of `noise_scales_for`."""
-        own = self.noise_scales_for(None)
-        cooled = self.noise_scales_for(density_g_cm3)
-        self.noise_scale, self.low_noise_scale = cooled["noise_scale"], cooled["low_noise_scale"]
+    def adapted_for(self, density_g_cm3: float | None):
+        """Within the block the sampler runs at the noise scales of `noise_scales_for` and the
+        step counts of `steps_for`; its own settings are back afterwards, also after an error."""
+        own = {**self.noise_scales_for(None), **self.steps_for(None)}
+        adapted = {**self.noise_scales_for(density_g_cm3), **self.steps_for(density_g_cm3)}
+        vars(self).update(adapted)
         try:
             yield
         finally:
-            self.noise_scale, self.low_noise_scale = own["noise_scale"], own["low_noise_scale"]
+            vars(self).update(own)
 
     # --- building blocks ---------------------------------------------------------------------
     def em_step(self, pos, score_fn, wrap_fn, t, t_next, generator, add_noise=True):
@@ -194,15 +226,15 @@ class Sampler:
                density_g_cm3: float | None = None) -> torch.Tensor:
         """Integrate from `t_start` to `t_end` starting at `pos`, then finish (corrector, denoise).
         `density_g_cm3`, the cells' density, sets the noise scales when the sampler has a
-        `density_cooling`.
+        `density_cooling`, and the step counts when it has `dense_steps`.
 
         `t_start` below the sampler's own starts from a partly noised structure (positions
         already at noise level σ(t_start)); the run then takes `steps_from(t_start)` steps.
         Runs under `torch.no_grad()`; a score function that needs gradients (guidance) enables
         them itself (`with torch.enable_grad(): ...`)."""
         _check_finite(pos, "the initial state")
-        n_steps = None if t_start is None else self.steps_from(float(t_start))
-        with torch.no_grad(), self.cooled_for(density_g_cm3):
+        with torch.no_grad(), self.adapted_for(density_g_cm3):
+            n_steps = None if t_start is None else self.steps_from(float(t_start))
             pos = self.run(pos.detach(), score_fn, wrap_fn, generator, t_start, n_steps)
             return self.finish(pos, score_fn, wrap_fn, generator)
 
@@ -225,6 +257,7 @@ class PredictorCorrector(EulerMaruyama):
     """EM predictor followed by `n_corrector` Langevin corrector steps at each new time."""
 
     name = "pc"
+    step_counts = ("n_steps", "n_corrector")
 
     def __init__(self, schedule, n_corrector: int = 1, **kwargs):
         super().__init__(schedule, **kwargs)
@@ -267,6 +300,7 @@ class RestartSampler(Sampler):
     integrating back down with `n_restart_steps` steps of the base sampler."""
 
     name = "restart"
+    step_counts = ("n_steps", "n_restart_steps")
 
     def __init__(self, schedule, base: Sampler | None = None, n_restarts: int = 2,
                  t_restart: float = 0.3, n_restart_steps: int = 30, **kwargs):
@@ -275,7 +309,7 @@ class RestartSampler(Sampler):
             schedule, n_steps=self.n_steps, t_start=self.t_start, t_end=self.t_end,
             final_denoise=False, noise_scale=self.noise_scale,
             low_noise_scale=self.low_noise_scale, low_noise_t=self.low_noise_t,
-            density_cooling=self.density_cooling)
+            density_cooling=self.density_cooling, dense_steps=self.dense_steps)
         if abs(self.base.t_end - self.t_end) > 1e-12:
             raise ValueError("base sampler and restart sampler must end at the same t_end")
         if not (self.t_end < t_restart <= self.t_start):
@@ -284,8 +318,8 @@ class RestartSampler(Sampler):
         self.n_restart_steps = int(n_restart_steps)
 
     @contextmanager
-    def cooled_for(self, density_g_cm3: float | None):
-        with super().cooled_for(density_g_cm3), self.base.cooled_for(density_g_cm3):
+    def adapted_for(self, density_g_cm3: float | None):
+        with super().adapted_for(density_g_cm3), self.base.adapted_for(density_g_cm3):
             yield
 
     def _score(self, score_fn, pos, t):  # count evaluations made by the base sampler too

@@ -141,8 +141,9 @@ class GuidedGenerator:
         return atoms, {"guided": guided, "guided_steps": len(ratios),
                        **({} if autoguidance is None else {"autoguidance_weight": autoguidance}),
                        "max_guidance_to_prior_rms": max(ratios) if ratios else 0.0,
-                       **{f"sampler_{name}": scale for name, scale in
-                          self.sampler.noise_scales_for(density).items() if scale is not None}}
+                       **{f"sampler_{name}": value for name, value in
+                          {**self.sampler.noise_scales_for(density),
+                           **self.sampler.steps_for(density)}.items() if value is not None}}
 
 
 @dataclass

@@ -69,6 +69,7 @@ def run(cfg: DictConfig) -> dict:
     report["sampling"] = {"checkpoint": str(cfg.checkpoint or "checkpoints/prior_default.pt"),
                           "sampler": OmegaConf.to_container(cfg.sampler), "seed": int(cfg.seed),
                           "noise_scales": sampler.noise_scales_for(sampled_density),
+                          "steps": sampler.steps_for(sampled_density),
                           "autoguidance": None if autoguidance is None else {
                               **prior.metadata["autoguidance"], "weight_here": autoguidance},
                           "device": str(device),

@@ -12,8 +12,9 @@ import torch
 
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.diffusion.prior import DiffusionPrior, load_prior, save_prior
-from xanesdiff.diffusion.samplers import (DensityCooling, EulerMaruyama, NonFiniteSampleError,
-                                          PredictorCorrector, ProbabilityFlow, RestartSampler)
+from xanesdiff.diffusion.samplers import (DenseCellSteps, DensityCooling, EulerMaruyama,
+                                          NonFiniteSampleError, PredictorCorrector,
+                                          ProbabilityFlow, RestartSampler)
 from xanesdiff.diffusion.sampling import cubic_cell_for_density, resolve_cell_and_count
 from xanesdiff.diffusion.schedule import VESchedule
 from xanesdiff.diffusion.score_model import EquivariantScoreModel
@@ -435,9 +436,79 @@ def test_restart_sampler_cools_its_base_run_too():
     schedule = VESchedule(0.8)
     sampler = RestartSampler(schedule, n_steps=4, noise_scale=1.0,
                              density_cooling=DensityCooling(3.0, 3.5, 0.2))
-    with sampler.cooled_for(3.5):
+    with sampler.adapted_for(3.5):
         assert sampler.noise_scale == sampler.base.noise_scale == pytest.approx(0.2)
     assert sampler.noise_scale == sampler.base.noise_scale == 1.0
+
+
+def test_dense_cell_steps_multiply_every_step_count_from_the_threshold_on():
+    dense = DenseCellSteps(from_g_cm3=3.3, factor=2)
+    assert (dense.count(100, 3.29), dense.count(100, 3.3), dense.count(100, 4.0)) == (100, 200, 200)
+    for bad in ({"factor": 1.5}, {"factor": 0}, {"from_g_cm3": 0.0}):
+        with pytest.raises(ValueError, match="dense-cell steps"):
+            DenseCellSteps(**bad)
+    schedule = VESchedule(0.8)
+    pc = PredictorCorrector(schedule, n_steps=5, n_corrector=1, dense_steps=dense)
+    assert pc.steps_for(3.0) == pc.steps_for(None) == {"n_steps": 5, "n_corrector": 1}
+    assert pc.steps_for(3.5) == {"n_steps": 10, "n_corrector": 2}
+    restart = RestartSampler(schedule, n_steps=4, n_restart_steps=3, dense_steps=dense)
+    with restart.adapted_for(3.5):
+        assert (restart.n_steps, restart.n_restart_steps, restart.base.n_steps) == (8, 6, 8)
+    assert (restart.n_steps, restart.n_restart_steps, restart.base.n_steps) == (4, 3, 4)
+
+
+@pytest.mark.parametrize("t_start", [None, 0.5])
+def test_a_dense_cell_is_sampled_exactly_as_by_a_sampler_with_the_multiplied_steps(t_start):
+    """Above the threshold a sampler with `dense_steps` takes the same steps, score calls and
+    noise draws as one built with the multiplied counts (a partial run from `t_start` too);
+    below it, those of its own counts; its counts are back afterwards, also after an error."""
+    schedule, s0 = VESchedule(0.8), 0.3
+
+    def pc(n_steps=6, n_corrector=1, **kw):
+        return PredictorCorrector(schedule, n_steps=n_steps, n_corrector=n_corrector,
+                                  final_corrector_steps=2, corrector_snr=0.3, **kw)
+
+    def run(sampler, density):
+        g = torch.Generator().manual_seed(0)
+        start = torch.randn(50, 3, generator=g, dtype=torch.float64) * schedule.sigma(1.0)
+        return sampler.sample(start, lambda x, t: -x / (s0 ** 2 + schedule.sigma(t) ** 2),
+                              lambda x: x, g, t_start=t_start, density_g_cm3=density)
+
+    stepped = pc(dense_steps=DenseCellSteps(3.3, 3))
+    for density, plain in ((3.2, pc()), (3.4, pc(n_steps=18, n_corrector=3))):
+        stepped.n_score_evals = 0
+        assert torch.equal(run(stepped, density), run(plain, density)), density
+        assert stepped.n_score_evals == plain.n_score_evals, density
+        assert (stepped.n_steps, stepped.n_corrector) == (6, 1)
+    with pytest.raises(NonFiniteSampleError):
+        stepped.sample(torch.zeros(4, 3), lambda x, t: x * float("nan"), lambda x: x,
+                       torch.Generator().manual_seed(0), density_g_cm3=3.6)
+    assert (stepped.n_steps, stepped.n_corrector) == (6, 1)
+
+
+def test_the_default_sampler_takes_the_thorough_steps_in_dense_cells_only(tiny_prior):
+    """`pc` (the default) runs as `pc_thorough` from 3.3 g/cm³ on and keeps its own steps
+    below; `pc_thorough` does not multiply again. Checked on a tiny prior with the step counts
+    cut down alike, and through the guided generator's log."""
+    from xanesdiff.diffusion.sampling import sampler_config, sampler_from_config
+    from xanesdiff.guidance.pipeline import GuidedGenerator
+
+    pc, thorough = sampler_config("pc"), sampler_config("pc_thorough")
+    factor = thorough.n_steps // pc.n_steps
+    assert thorough.dense_steps is None and pc.dense_steps.from_g_cm3 == 3.3
+    assert (thorough.n_steps, thorough.n_corrector) == (factor * pc.n_steps, factor * pc.n_corrector)
+    schedule = tiny_prior.schedule
+    default = sampler_from_config("pc", schedule, ["n_steps=2", "final_corrector_steps=1"])
+    assert default.steps_for(3.29) == {"n_steps": 2, "n_corrector": pc.n_corrector}
+    short_thorough = sampler_from_config("pc_thorough", schedule, [
+        f"n_steps={2 * factor}", "final_corrector_steps=1"])
+    (a,) = tiny_prior.sample(n_atoms=12, density_g_cm3=3.49, seed=1, sampler=default)
+    (b,) = tiny_prior.sample(n_atoms=12, density_g_cm3=3.49, seed=1, sampler=short_thorough)
+    assert np.array_equal(a.positions, b.positions)
+    assert default.n_score_evals == short_thorough.n_score_evals
+    generator = GuidedGenerator(tiny_prior, surrogate=None, terms=[], sampler=default, n_atoms=12)
+    _, log = generator.generate(3.49, seed=0, guided=False)
+    assert (log["sampler_n_steps"], log["sampler_n_corrector"]) == (2 * factor, thorough.n_corrector)
 
 
 def test_benchmark_records_checkpoints_inside_the_project_relative_to_it(tmp_path):

@@ -46,6 +46,9 @@ def test_misses_are_the_targets_a_density_failed_in_either_direction():
     cooled["sampler"]["density_cooling"] = {"from_g_cm3": 3.0, "to_g_cm3": 3.5}
     assert fidelity_from_benchmark(cooled).sampler == \
         "PredictorCorrector, 100 steps, cooled from 3.0 g/cm³"
+    cooled["sampler"]["dense_steps"] = {"from_g_cm3": 3.3, "factor": 2}
+    assert fidelity_from_benchmark(cooled).sampler.endswith(
+        "cooled from 3.0 g/cm³, 2× the steps from 3.3 g/cm³")
 
 
 def test_concerns_name_the_nearest_missed_density_only_within_reach():
