@@ -166,13 +166,16 @@ class Sampler:
     def adapted_for(self, density_g_cm3: float | None):
         """Within the block the sampler runs at the noise scales of `noise_scales_for` and the
         step counts of `steps_for`; its own settings are back afterwards, also after an error."""
+        def set_all(settings):
+            for name, value in settings.items():
+                setattr(self, name, value)
+
         own = {**self.noise_scales_for(None), **self.steps_for(None)}
-        adapted = {**self.noise_scales_for(density_g_cm3), **self.steps_for(density_g_cm3)}
-        vars(self).update(adapted)
+        set_all({**self.noise_scales_for(density_g_cm3), **self.steps_for(density_g_cm3)})
         try:
             yield
         finally:
-            vars(self).update(own)
+            set_all(own)
 
     # --- building blocks ---------------------------------------------------------------------
     def em_step(self, pos, score_fn, wrap_fn, t, t_next, generator, add_noise=True):
