@@ -220,6 +220,7 @@ def test_train_prior_resume_and_sample_cli(tmp_path, assets_root):
     report = json.loads((out / "report.json").read_text())
     assert report["reference_network"] == "rho2.00" and "comparison" in report
     assert report["sampling"]["noise_scales"] == {"noise_scale": 1.0, "low_noise_scale": None}
+    assert report["sampling"]["steps"] == {"n_steps": 4}  # em has no dense_steps
     assert report["prior_fidelity"].startswith("at 2.00 g/cm³") and "cn5plus 0.050" in report[
         "prior_fidelity"]
     assert "WARNING" in sample.stdout  # logged as well
