@@ -162,16 +162,20 @@ class Sampler:
             return own
         return {name: self.dense_steps.count(n, density_g_cm3) for name, n in own.items()}
 
+    def settings_for(self, density_g_cm3: float | None) -> dict:
+        """Noise scales and step counts of a run in a cell of `density_g_cm3` (None: its own)."""
+        return {**self.noise_scales_for(density_g_cm3), **self.steps_for(density_g_cm3)}
+
     @contextmanager
     def adapted_for(self, density_g_cm3: float | None):
-        """Within the block the sampler runs at the noise scales of `noise_scales_for` and the
-        step counts of `steps_for`; its own settings are back afterwards, also after an error."""
+        """Within the block the sampler runs with the settings of `settings_for`; its own are
+        back afterwards, also after an error."""
         def set_all(settings):
             for name, value in settings.items():
                 setattr(self, name, value)
 
-        own = {**self.noise_scales_for(None), **self.steps_for(None)}
-        set_all({**self.noise_scales_for(density_g_cm3), **self.steps_for(density_g_cm3)})
+        own = self.settings_for(None)
+        set_all(self.settings_for(density_g_cm3))
         try:
             yield
         finally:

@@ -142,8 +142,7 @@ class GuidedGenerator:
                        **({} if autoguidance is None else {"autoguidance_weight": autoguidance}),
                        "max_guidance_to_prior_rms": max(ratios) if ratios else 0.0,
                        **{f"sampler_{name}": value for name, value in
-                          {**self.sampler.noise_scales_for(density),
-                           **self.sampler.steps_for(density)}.items() if value is not None}}
+                          self.sampler.settings_for(density).items() if value is not None}}
 
 
 @dataclass
