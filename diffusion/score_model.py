@@ -19,8 +19,36 @@ import torch
 from e3nn import o3
 from e3nn.nn import FullyConnectedNet, Gate
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from xanesdiff.datasets.graph import edge_vectors
+from xanesdiff.runtime import device_memory_mb
+
+KEPT_MB_PER_EDGE = 0.017
+"""Memory autograd keeps per edge for a differentiated score call (MB, float32; default prior,
+a-C at 2.5 g/cm³, ≈22 edges per atom). Recomputing the messages keeps ≈13× less."""
+RECOMPUTE_MEMORY_FRACTION = 0.35
+"""Recompute the messages when those kept would take more than this share of the device's
+memory (a 3·10⁴-atom cell on a 23 GB machine does, a 10⁴-atom cell does not; the guidance
+surrogate needs its own share of the same step)."""
+
+
+class AddRows(torch.autograd.Function):
+    """`total.index_add_(0, index, values)` in place, whose backward keeps only `index`.
+
+    torch's own index_add keeps `values` for its backward: every block's messages would stay
+    in memory until the backward pass, and the out-of-place form copies `total` per block."""
+
+    @staticmethod
+    def forward(ctx, total: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
+        ctx.save_for_backward(index)
+        ctx.mark_dirty(total)
+        return total.index_add_(0, index, values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad, None, grad.index_select(0, index)
 
 
 class BesselBasis(nn.Module):
@@ -184,6 +212,13 @@ class Interaction(nn.Module):
             self.tp_used._apply(fn, *args, **kwargs)
         return self
 
+    def _messages(self, h, neighbours, edge_sh, edge_features, edge_envelope):
+        """Messages (E_block, tp out) of one block of edges from their `neighbours`' features."""
+        weights = self.radial(edge_features) * edge_envelope.unsqueeze(-1)
+        if self.skip_unused_paths:
+            return self.tp_used(h[neighbours], edge_sh, weights[:, self.used_weights])
+        return self.tp(h[neighbours], edge_sh, weights)
+
     # Edges are processed in blocks: memory stays bounded on large cells and each block's
     # working set stays cache-sized (10^4 atoms: 1.95 s -> 0.97 s per score call, 2 threads;
     # benchmarks/scale.json). A GPU has no such cache to fit and pays per kernel launch, so
@@ -191,19 +226,20 @@ class Interaction(nn.Module):
     edge_block = 16384
     edge_block_gpu = 262144
 
-    def forward(self, h, edge_sh, edge_features, edge_envelope, edge_index):
+    def forward(self, h, edge_sh, edge_features, edge_envelope, edge_index,
+                recompute: bool = False):
+        """`recompute`: keep no block's intermediates for the backward pass but compute them
+        again there (same values and gradients; memory of one block instead of every edge's)."""
         src, dst = edge_index  # edge i->j: message from neighbour j to centre i (src = i)
         skip = self.skip_unused_paths
-        tp = self.tp_used if skip else self.tp
-        agg = h.new_zeros(h.shape[0], tp.irreps_out.dim)
+        agg = h.new_zeros(h.shape[0], (self.tp_used if skip else self.tp).irreps_out.dim)
         size = self.edge_block if h.device.type == "cpu" else self.edge_block_gpu
         for start in range(0, src.numel(), size):
             block = slice(start, start + size)
-            weights = self.radial(edge_features[block]) * edge_envelope[block].unsqueeze(-1)
-            if skip:
-                weights = weights[:, self.used_weights]
-            msg = tp(h[dst[block]], edge_sh[block], weights)
-            agg = agg.index_add(0, src[block], msg)  # out of place: autograd-safe
+            inputs = (h, dst[block], edge_sh[block], edge_features[block], edge_envelope[block])
+            msg = (checkpoint(self._messages, *inputs, use_reentrant=False) if recompute
+                   else self._messages(*inputs))
+            agg = AddRows.apply(agg, src[block], msg)
         agg = agg * self.norm
         if skip:  # back to the full layout, skipped paths at zero
             agg = agg.new_zeros(agg.shape[0], self.tp.irreps_out.dim).index_copy(
@@ -253,9 +289,20 @@ class EquivariantScoreModel(nn.Module):
             irreps_in = str(hidden)
         self.layers = nn.ModuleList(layers)
         self.readout = o3.Linear(hidden, "1x1o")
+        self.recompute_min_edges: int | None = None  # None: decided by memory (`recomputes`)
 
     def config(self) -> dict:
         return dict(self._config)
+
+    def recomputes(self, n_edges: int, device=None) -> bool:
+        """Whether a differentiated pass over `n_edges` edges recomputes its messages in the
+        backward pass: from `recompute_min_edges` edges if set, else when the messages kept
+        for it would take more than `RECOMPUTE_MEMORY_FRACTION` of the device's memory."""
+        if self.recompute_min_edges is not None:
+            return n_edges >= self.recompute_min_edges
+        total_mb = device_memory_mb(device)
+        return total_mb is not None and n_edges * KEPT_MB_PER_EDGE > (
+            RECOMPUTE_MEMORY_FRACTION * total_mb)
 
     def forward(self, pos, cell, numbers, sigma, edge_index, edge_shift, batch=None):
         n = pos.shape[0]
@@ -277,6 +324,7 @@ class EquivariantScoreModel(nn.Module):
         h = h + self.noise_mlp(noise_feat)
         if self.density_embedding is not None:
             h = h + self.density_embedding(numbers, cell.to(pos.dtype), batch)
+        recompute = torch.is_grad_enabled() and self.recomputes(edge_index.shape[1], pos.device)
         for layer in self.layers:
-            h = layer(h, edge_sh, edge_features, envelope, edge_index)
+            h = layer(h, edge_sh, edge_features, envelope, edge_index, recompute)
         return self.readout(h) / sigma_atom.unsqueeze(-1)

@@ -139,6 +139,80 @@ def test_edge_blocks_give_the_same_scores_and_gradients(cell_and_pos, monkeypatc
     assert rel_err(results[1][1], results[0][1]) < 1e-12
 
 
+def _saved_bytes_and_gradients(model, pos, cell, numbers):
+    """Bytes autograd keeps for one differentiated score call, and the gradients with respect
+    to positions and parameters."""
+    g = periodic_graph(pos, cell, numbers, model.cutoff_A)
+    saved = {}  # storage address -> bytes: views and tensors saved twice count once
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    x = pos.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x, cell.unsqueeze(0), numbers, torch.tensor(0.3, dtype=pos.dtype),
+                    g.edge_index, g.edge_shift.double())
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((out ** 2).sum(), [x, *params])
+    return out.detach(), grads, sum(saved.values())
+
+
+def test_recomputed_messages_give_the_same_scores_and_gradients_and_keep_less(cell_and_pos,
+                                                                             monkeypatch):
+    from xanesdiff.diffusion.score_model import Interaction
+
+    cell, pos, numbers = cell_and_pos
+    monkeypatch.setattr(Interaction, "edge_block", 64)  # several blocks in this small cell
+    model = small_model()
+    model.recompute_min_edges = 10 ** 9
+    plain = _saved_bytes_and_gradients(model, pos, cell, numbers)
+    model.recompute_min_edges = 0
+    recomputed = _saved_bytes_and_gradients(model, pos, cell, numbers)
+    assert rel_err(recomputed[0], plain[0]) == 0
+    for a, b in zip(recomputed[1], plain[1]):
+        assert rel_err(a, b) < 1e-12
+    assert recomputed[2] < 0.5 * plain[2]
+
+
+def test_add_rows_matches_index_add_in_value_and_gradient_and_keeps_only_the_index():
+    from xanesdiff.diffusion.score_model import AddRows
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(30, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 5, (30,), generator=gen)
+
+    def summed_in_two_blocks(v):
+        total = AddRows.apply(torch.zeros(5, 4, dtype=v.dtype), index[:12], v[:12] * 2)
+        return AddRows.apply(total, index[12:], v[12:] ** 2) ** 2
+
+    expected = torch.zeros(5, 4, dtype=torch.float64).index_add(
+        0, index, torch.cat([values[:12] * 2, values[12:] ** 2])) ** 2
+    assert torch.equal(summed_in_two_blocks(values), expected)
+    assert torch.autograd.gradcheck(summed_in_two_blocks, (values,))
+    assert torch.autograd.gradgradcheck(summed_in_two_blocks, (values,))
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t,
+                                                  lambda t: t):
+        AddRows.apply(torch.zeros(5, 4, dtype=torch.float64), index, values * 1.0)
+    assert shapes == [index.shape]
+
+
+def test_score_model_recomputes_when_the_kept_messages_would_crowd_memory(monkeypatch):
+    from xanesdiff.diffusion import score_model as module
+
+    model = small_model()
+    edges = 10 ** 6
+    budget_mb = edges * module.KEPT_MB_PER_EDGE / module.RECOMPUTE_MEMORY_FRACTION
+    monkeypatch.setattr(module, "device_memory_mb", lambda device=None: 0.5 * budget_mb)
+    assert model.recomputes(edges)
+    monkeypatch.setattr(module, "device_memory_mb", lambda device=None: 2.0 * budget_mb)
+    assert not model.recomputes(edges)
+    model.recompute_min_edges = edges  # an explicit threshold wins
+    assert model.recomputes(edges) and not model.recomputes(edges - 1)
+
+
 @pytest.mark.parametrize("irreps", [{}, {"irreps_hidden": "8x0e + 4x1o + 2x2e + 2x3o", "lmax": 3}])
 def test_last_layer_skips_only_paths_the_readout_cannot_see(cell_and_pos, irreps):
     cell, pos, numbers = cell_and_pos
