@@ -53,14 +53,22 @@ def device_name(device: torch.device) -> str:
     return f"{platform.machine()} CPU"
 
 
+GUIDES = {"default": "guided_step_s", "fast": "fast_guided_step_s"}
+"""Shipped guidance surrogates measured by a guided point, and the key of their step time."""
+
+
 def measure_point(n_atoms: int, guided: bool, repeats: int, prior_name: str = "default",
-                  device: torch.device = torch.device("cpu")) -> dict:
-    """Prior step time (s) and, if `guided`, guided step times with each shipped guide."""
+                  device: torch.device = torch.device("cpu"), guides=tuple(GUIDES),
+                  recompute: str = "auto") -> dict:
+    """Prior step time (s) and, if `guided`, guided step times with each of `guides`.
+    `recompute`: auto (the score model decides by memory), on or off (forced)."""
     from xanesdiff.diffusion.prior import load_prior
     from xanesdiff.diffusion.sampling import cubic_cell_for_density
     from xanesdiff.datasets.graph import wrap_positions
 
     prior = load_prior(prior_name, device=device)
+    if recompute != "auto":
+        prior.score_model.recompute_min_edges = 0 if recompute == "on" else 2 ** 62
     cell = torch.tensor(cubic_cell_for_density(n_atoms, DENSITY), dtype=torch.float32)
     numbers = torch.full((n_atoms,), 6, device=device)
     generator = torch.Generator().manual_seed(0)
@@ -84,7 +92,8 @@ def measure_point(n_atoms: int, guided: bool, repeats: int, prior_name: str = "d
         fit_kept_memory(n_atoms * GUIDED_STEP_MB_PER_ATOM, device=device)  # as GuidedGenerator
         result["large_blocks_mapped"] = not memory_kept()
 
-        for name, key in (("default", "guided_step_s"), ("fast", "fast_guided_step_s")):
+        for name in guides:
+            key = GUIDES[name]
             surrogate = load_surrogate(name, device=device)
             target = np.full(surrogate.grid.n_points, 0.22)
             score = GuidedScore(prior, cell, numbers, [SpectrumLikelihood(surrogate, target)])
@@ -96,6 +105,8 @@ def measure_point(n_atoms: int, guided: bool, repeats: int, prior_name: str = "d
                 times.append(clock(device) - start)
             result[key] = float(np.median(times))
     result["peak_mb"] = peak_mb(device)
+    if guided:
+        result["recompute"] = recompute
     return result
 
 
@@ -212,7 +223,7 @@ def add_sample_estimates(points: list[dict]) -> None:
                              ("fast_guided_step_s", "fast_guided_sample_s")):
             if step in p:
                 p[sample] = guided_calls * p[step] + (calls - guided_calls) * p["step_s"]
-        if "guided_step_s" in p:
+        if any(key in p for key in GUIDES.values()):
             p["sample_s_note"] += f", {guided_calls} of them guided when guided"
 
 
@@ -224,7 +235,7 @@ def run_points(args) -> list[dict]:
                "--repeats", str(args.repeats), "--threads", str(args.threads),
                "--prior", args.prior, "--device", args.device]
         if n <= args.guided_max:
-            cmd.append("--guided")
+            cmd += ["--guided", "--guides", *args.guides, "--recompute", args.recompute]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         points.append(json.loads(out.strip().splitlines()[-1]))
         print(points[-1], flush=True)
@@ -245,7 +256,7 @@ def fit_exponents(points: list[dict]) -> dict:
             "guided_exponent": slope([p for p in guided if not p.get("large_blocks_mapped")],
                                      "guided_step_s"),
             "guided_exponent_all": slope(guided, "guided_step_s"),
-            "fast_guided_exponent": slope([p for p in guided if "fast_guided_step_s" in p],
+            "fast_guided_exponent": slope([p for p in points if "fast_guided_step_s" in p],
                                           "fast_guided_step_s"),
             "guided_exponent_note": "guided_exponent: points whose allocator kept freed memory; "
                                     "_all: also cells too large for that on this machine "
@@ -263,6 +274,11 @@ def main(argv=None) -> None:
                         help="atom counts of the step curve; none: keep the curve in --out")
     parser.add_argument("--guided-max", type=int, default=3000,
                         help="largest cell for the guided step (M3GNet memory grows fast)")
+    parser.add_argument("--guides", nargs="+", choices=list(GUIDES), default=list(GUIDES),
+                        help="guidance surrogates of the guided step")
+    parser.add_argument("--recompute", choices=["auto", "on", "off"], default="auto",
+                        help="whether the prior's backward pass recomputes its messages "
+                             "(auto: when the kept ones would crowd memory)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--large", type=int, default=0, help="also sample one cell this large")
@@ -288,7 +304,7 @@ def main(argv=None) -> None:
     device = resolve_device(args.device)
     if args.point:
         print(json.dumps(measure_point(args.point, args.guided, args.repeats, args.prior,
-                                       device)))
+                                       device, args.guides, args.recompute)))
         return
     if args.guided_cell:
         print(json.dumps(large_guided(args.guided_cell, n_small=args.small_samples,

@@ -560,3 +560,15 @@ def test_scale_benchmark_guided_cell_runs_the_generate_overrides_it_is_given(mon
     assert result["guided_overrides"] == overrides
     assert "2 steps" in result["guided_sampler"]
     assert result["atoms"] == 240 and result["guided_s"] > 0
+
+
+@pytest.mark.parametrize("recompute", ["on", "off"])
+def test_scale_benchmark_point_measures_the_guides_it_is_given(recompute):
+    """A guided point of `benchmark_scale --guides fast --recompute on|off` times the prior step
+    and the fast-guided step only, with the score model's recomputation forced as asked."""
+    from xanesdiff.scripts.benchmark_scale import measure_point
+
+    result = measure_point(96, guided=True, repeats=1, prior_name="fast", guides=("fast",),
+                           recompute=recompute)
+    assert result["step_s"] > 0 and result["fast_guided_step_s"] > 0
+    assert "guided_step_s" not in result and result["recompute"] == recompute
