@@ -85,16 +85,17 @@ def measure_point(n_atoms: int, guided: bool, repeats: int, prior_name: str = "d
     if guided:
         from xanesdiff.forward.surrogate import load_surrogate
         from xanesdiff.guidance.guided_score import GuidedScore
-        from xanesdiff.guidance.pipeline import GUIDED_STEP_MB_PER_ATOM
+        from xanesdiff.guidance.pipeline import guided_step_mb_per_atom
         from xanesdiff.guidance.spectrum import SpectrumLikelihood
         from xanesdiff.runtime import fit_kept_memory, memory_kept
 
-        fit_kept_memory(n_atoms * GUIDED_STEP_MB_PER_ATOM, device=device)  # as GuidedGenerator
+        surrogates = {name: load_surrogate(name, device=device) for name in guides}
+        fit_kept_memory(n_atoms * max(map(guided_step_mb_per_atom, surrogates.values())),
+                        device=device)  # as GuidedGenerator does for its guide
         result["large_blocks_mapped"] = not memory_kept()
 
-        for name in guides:
+        for name, surrogate in surrogates.items():
             key = GUIDES[name]
-            surrogate = load_surrogate(name, device=device)
             target = np.full(surrogate.grid.n_points, 0.22)
             score = GuidedScore(prior, cell, numbers, [SpectrumLikelihood(surrogate, target)])
             score(pos, 0.3)  # warm-up (the first call of a size also sizes the allocator's heap)
