@@ -78,6 +78,10 @@ class AutoguidedScoreModel(nn.Module):
         masses = self.masses_amu.to(cell.dtype)[numbers.clamp(0, self.masses_amu.numel() - 1)]
         return self.weight_at(DensityEmbedding.cell_density_g_cm3(masses, cell, batch))
 
+    def kept_mb(self, n_edges: int, device=None) -> float:
+        """Memory (MB) both models keep for a differentiated call over `n_edges` edges."""
+        return self.good.kept_mb(n_edges, device) + self.weak.kept_mb(n_edges, device)
+
     def forward(self, pos, cell, numbers, sigma, edge_index, edge_shift, batch=None
                 ) -> torch.Tensor:
         if batch is None:

@@ -26,7 +26,9 @@ from xanesdiff.runtime import device_memory_mb
 
 KEPT_MB_PER_EDGE = 0.017
 """Memory autograd keeps per edge for a differentiated score call (MB, float32; default prior,
-a-C at 2.5 g/cm³, ≈22 edges per atom). Recomputing the messages keeps ≈13× less."""
+a-C at 2.5 g/cm³, ≈22 edges per atom)."""
+KEPT_MB_PER_EDGE_RECOMPUTED = 0.0013
+"""The same with the messages recomputed in the backward pass (≈13× less)."""
 RECOMPUTE_MEMORY_FRACTION = 0.35
 """Recompute the messages when those kept would take more than this share of the device's
 memory (a 3·10⁴-atom cell on a 23 GB machine does, a 10⁴-atom cell does not; the guidance
@@ -303,6 +305,11 @@ class EquivariantScoreModel(nn.Module):
         total_mb = device_memory_mb(device)
         return total_mb is not None and n_edges * KEPT_MB_PER_EDGE > (
             RECOMPUTE_MEMORY_FRACTION * total_mb)
+
+    def kept_mb(self, n_edges: int, device=None) -> float:
+        """Memory (MB) autograd keeps for a differentiated call over `n_edges` edges."""
+        recomputed = self.recomputes(n_edges, device)
+        return n_edges * (KEPT_MB_PER_EDGE_RECOMPUTED if recomputed else KEPT_MB_PER_EDGE)
 
     def forward(self, pos, cell, numbers, sigma, edge_index, edge_shift, batch=None):
         n = pos.shape[0]

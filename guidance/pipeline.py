@@ -26,10 +26,10 @@ from xanesdiff.guidance.guided_score import GuidedScore
 from xanesdiff.guidance.validation import predict_members, spectral_match
 from xanesdiff.runtime import fit_kept_memory
 
-GUIDED_STEP_MB_PER_ATOM = 1.5
-"""Working set of one guided step (prior backward through x̂0 + surrogate forward/backward), MB
-per atom, without kept freed memory, with an M3GNet-feature surrogate (3000 atoms,
-benchmarks/scale.json); 0.6 with the descriptor-only (`fast`) surrogate (10⁴ atoms, kept heap)."""
+SURROGATE_STEP_MB_PER_ATOM = {"descriptor": 0.25, "learned": 0.9}
+"""The guidance surrogate's share of a guided step's working set (forward and backward), MB per
+atom, without kept freed memory: histograms alone (`fast`; 3·10⁴ atoms, benchmarks/scale.json)
+or with learned (M3GNet, GNN) features (3000 atoms). The prior's share is its own `kept_mb`."""
 
 
 def descriptor_only(surrogate) -> bool:
@@ -38,9 +38,14 @@ def descriptor_only(surrogate) -> bool:
     return {part.get("type") for part in featurizer.get("parts", [featurizer])} == {"descriptor"}
 
 
-def guided_step_mb_per_atom(surrogate) -> float:
-    """The working set per atom of a guided step with this surrogate (MB)."""
-    return 0.6 if descriptor_only(surrogate) else GUIDED_STEP_MB_PER_ATOM
+def guided_step_mb(surrogate, score_model, n_atoms: int, cell_A, device=None) -> float:
+    """The working set of one guided step (MB): the surrogate's share plus what the prior keeps
+    for its backward pass over the edges expected in this cell (uniform density)."""
+    cell = torch.as_tensor(cell_A, dtype=torch.float64).detach().cpu().reshape(3, 3)
+    volume_A3 = abs(float(torch.linalg.det(cell)))
+    neighbours = n_atoms / volume_A3 * 4.0 / 3.0 * np.pi * score_model.cutoff_A ** 3
+    share = SURROGATE_STEP_MB_PER_ATOM["descriptor" if descriptor_only(surrogate) else "learned"]
+    return n_atoms * share + score_model.kept_mb(int(n_atoms * neighbours), device)
 
 
 class GuidedGenerator:
@@ -126,7 +131,8 @@ class GuidedGenerator:
         numbers = torch.full((n,), atomic_numbers[self.element], dtype=torch.long, device=device)
         terms = self.terms if guided else []
         if terms:
-            fit_kept_memory(n * guided_step_mb_per_atom(self.surrogate), device=device)
+            fit_kept_memory(guided_step_mb(self.surrogate, self.prior.score_model, n, cell,
+                                           device), device=device)
         score_fn = GuidedScore(self.prior, cell_t, numbers, terms, self.through_denoiser,
                                self.max_ratio, self.refresh_every)
         self.prior.neighbors.clear()

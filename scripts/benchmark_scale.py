@@ -67,8 +67,10 @@ def measure_point(n_atoms: int, guided: bool, repeats: int, prior_name: str = "d
     from xanesdiff.datasets.graph import wrap_positions
 
     prior = load_prior(prior_name, device=device)
-    if recompute != "auto":
-        prior.score_model.recompute_min_edges = 0 if recompute == "on" else 2 ** 62
+    if recompute != "auto":  # every score model inside (an autoguided prior has two)
+        for model in prior.score_model.modules():
+            if hasattr(model, "recompute_min_edges"):
+                model.recompute_min_edges = 0 if recompute == "on" else 2 ** 62
     cell = torch.tensor(cubic_cell_for_density(n_atoms, DENSITY), dtype=torch.float32)
     numbers = torch.full((n_atoms,), 6, device=device)
     generator = torch.Generator().manual_seed(0)
@@ -85,12 +87,13 @@ def measure_point(n_atoms: int, guided: bool, repeats: int, prior_name: str = "d
     if guided:
         from xanesdiff.forward.surrogate import load_surrogate
         from xanesdiff.guidance.guided_score import GuidedScore
-        from xanesdiff.guidance.pipeline import guided_step_mb_per_atom
+        from xanesdiff.guidance.pipeline import guided_step_mb
         from xanesdiff.guidance.spectrum import SpectrumLikelihood
         from xanesdiff.runtime import fit_kept_memory, memory_kept
 
         surrogates = {name: load_surrogate(name, device=device) for name in guides}
-        fit_kept_memory(n_atoms * max(map(guided_step_mb_per_atom, surrogates.values())),
+        fit_kept_memory(max(guided_step_mb(surrogate, prior.score_model, n_atoms, cell, device)
+                            for surrogate in surrogates.values()),
                         device=device)  # as GuidedGenerator does for its guide
         result["large_blocks_mapped"] = not memory_kept()
 

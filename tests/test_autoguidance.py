@@ -47,6 +47,15 @@ def test_autoguided_score_extrapolates_away_from_the_weaker_model():
                                         numbers), s_good)
 
 
+def test_autoguided_model_keeps_what_both_models_keep_for_a_backward_pass():
+    good, weak = tiny_model(0), tiny_model(1)
+    weak.recompute_min_edges = 0  # the weaker model recomputes, the good one does not
+    good.recompute_min_edges = 2 ** 62
+    both = AutoguidedScoreModel(good, weak, 0.7)
+    assert both.kept_mb(10_000) == good.kept_mb(10_000) + weak.kept_mb(10_000)
+    assert weak.kept_mb(10_000) < 0.1 * good.kept_mb(10_000)
+
+
 def test_autoguided_score_is_equivariant():
     model = AutoguidedScoreModel(tiny_model(0), tiny_model(1), 1.0)
     pos, cell, numbers = random_cell()

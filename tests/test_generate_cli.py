@@ -123,21 +123,35 @@ def test_shipped_surrogates_load_by_name():
         load_surrogate("quick")
 
 
-def test_guided_memory_estimate_follows_the_guide():
+def test_guided_memory_estimate_follows_the_guide_and_the_priors_recomputation():
     """Histogram-only guides get the small working-set estimate; anything with learned
-    (M3GNet, GNN) features, alone or next to histograms, the large one."""
+    (M3GNet, GNN) features, alone or next to histograms, the large one. The prior's share is
+    what it keeps for its backward pass: far less in a cell where it recomputes its messages."""
     from types import SimpleNamespace
 
-    from xanesdiff.guidance.pipeline import descriptor_only, guided_step_mb_per_atom
+    from xanesdiff.diffusion.score_model import EquivariantScoreModel
+    from xanesdiff.diffusion.sampling import cubic_cell_for_density
+    from xanesdiff.guidance.pipeline import descriptor_only, guided_step_mb
 
+    prior = EquivariantScoreModel(n_layers=1)
+    prior.recompute_min_edges = 2 ** 62
+    cell = cubic_cell_for_density(1000, 2.5)
     hist = {"type": "descriptor"}
     cases = {"descriptor": (hist, True), "m3gnet": ({"type": "m3gnet"}, False),
              "concat": ({"type": "concat", "parts": [{"type": "m3gnet"}, hist]}, False),
              "gnn": ({"type": "gnn_scratch"}, False)}
+    estimates = {}
     for name, (featurizer, expected) in cases.items():
         guide = SimpleNamespace(config={"featurizer": featurizer})
         assert descriptor_only(guide) is expected, name
-        assert (guided_step_mb_per_atom(guide) < 1.0) is expected, name
+        estimates[name] = guided_step_mb(guide, prior, 1000, cell)
+    assert estimates["descriptor"] < min(estimates["m3gnet"], estimates["concat"], estimates["gnn"])
+    # ≈22 neighbours within 3.5 Å at 2.5 g/cm³: the prior keeps ≈0.4 MB per atom unless it recomputes
+    fast = SimpleNamespace(config={"featurizer": hist})
+    plain = guided_step_mb(fast, prior, 1000, cell)
+    prior.recompute_min_edges = 0
+    recomputed = guided_step_mb(fast, prior, 1000, cell)
+    assert 250 < plain - recomputed < 500
 
 
 def test_report_quotes_the_validators_held_out_error_when_it_is_measured(tiny_models, tmp_path):
