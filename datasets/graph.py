@@ -13,6 +13,24 @@ from torch_geometric.data import Batch, Data
 from vesin import NeighborList
 
 
+class AddRows(torch.autograd.Function):
+    """`total.index_add_(0, index, values)` in place, whose backward keeps only `index`.
+
+    torch's own index_add keeps `values` for its backward: every block's messages would stay
+    in memory until the backward pass, and the out-of-place form copies `total` per block."""
+
+    @staticmethod
+    def forward(ctx, total: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
+        ctx.save_for_backward(index)
+        ctx.mark_dirty(total)
+        return total.index_add_(0, index, values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad, None, grad.index_select(0, index)
+
+
 def periodic_neighbor_list(
     positions_A: np.ndarray, cell_A: np.ndarray, cutoff_A: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from e3nn.nn import FullyConnectedNet, Gate
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from xanesdiff.datasets.graph import edge_vectors
+from xanesdiff.datasets.graph import AddRows, edge_vectors
 from xanesdiff.runtime import device_memory_mb
 
 KEPT_MB_PER_EDGE = 0.017
@@ -33,24 +33,6 @@ RECOMPUTE_MEMORY_FRACTION = 0.35
 """Recompute the messages when those kept would take more than this share of the device's
 memory (a 3·10⁴-atom cell on a 23 GB machine does, a 10⁴-atom cell does not; the guidance
 surrogate needs its own share of the same step)."""
-
-
-class AddRows(torch.autograd.Function):
-    """`total.index_add_(0, index, values)` in place, whose backward keeps only `index`.
-
-    torch's own index_add keeps `values` for its backward: every block's messages would stay
-    in memory until the backward pass, and the out-of-place form copies `total` per block."""
-
-    @staticmethod
-    def forward(ctx, total: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
-        ctx.save_for_backward(index)
-        ctx.mark_dirty(total)
-        return total.index_add_(0, index, values)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (index,) = ctx.saved_tensors
-        return grad, None, grad.index_select(0, index)
 
 
 class BesselBasis(nn.Module):

@@ -9,12 +9,14 @@ Angular: for every shell cutoff in `angular_cutoffs_A`, Gaussian-broadened bond 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from xanesdiff.datasets.graph import periodic_neighbor_list
+from xanesdiff.datasets.graph import AddRows, periodic_neighbor_list
 
 
 def cosine_cutoff(r: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -38,6 +40,29 @@ def neighbour_pairs(src: torch.Tensor, n_atoms: int) -> tuple[torch.Tensor, torc
     b = first[src[a]] + (torch.arange(len(a), device=src.device) - starts)
     keep = a != b
     return a[keep], b[keep]
+
+
+ROWS_PER_BLOCK = 2 ** 16
+"""Edges (or bond pairs) whose histogram terms are computed at once. A differentiated pass over
+more than one block recomputes each block's terms in the backward pass, so it keeps the
+blocks' indices rather than their (rows × bins) terms."""
+
+
+def summed_in_blocks(terms, index: torch.Tensor, n_rows: int, width: int,
+                     rows: tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor, ...]
+                     ) -> torch.Tensor:
+    """(n_rows, width): for each k, terms(*(r[k] for r in rows), *inputs) added into row index[k].
+
+    `rows`: index tensors of `index`'s length (an edge, or a bond pair's two bonds), cut into
+    blocks; `inputs`: the tensors `terms` reads at them, passed whole."""
+    total = inputs[0].new_zeros(n_rows, width)
+    recompute = torch.is_grad_enabled() and len(index) > ROWS_PER_BLOCK
+    for start in range(0, len(index), ROWS_PER_BLOCK):
+        block = slice(start, start + ROWS_PER_BLOCK)
+        args = (*(row[block] for row in rows), *inputs)
+        values = checkpoint(terms, *args, use_reentrant=False) if recompute else terms(*args)
+        total = AddRows.apply(total, index[block], values)
+    return total
 
 
 class RadialAngularDescriptor(nn.Module):
@@ -79,24 +104,34 @@ class RadialAngularDescriptor(nn.Module):
         src, dst = torch.from_numpy(i).to(pos.device), torch.from_numpy(j).to(pos.device)
         vec = pos[dst] + torch.from_numpy(shifts).to(pos) @ cell.reshape(3, 3) - pos[src]
         r = vec.norm(dim=1)
-        centres = self.radial_centres_A.to(pos.dtype)
-        gauss = torch.exp(-0.5 * ((r[:, None] - centres) / self.radial_width_A) ** 2)
-        radial = torch.zeros(n, self.n_radial, dtype=pos.dtype, device=pos.device).index_add(
-            0, src, gauss * switch_cutoff(r, self.cutoff_A - self.taper_A, self.cutoff_A)[:, None])
-        parts = [radial]
+        edges = torch.arange(len(r), device=pos.device)
+        parts = [summed_in_blocks(self._radial_terms, src, n, self.n_radial, (edges,), (r,))]
         for rc in self.angular_cutoffs_A:
             inside = torch.nonzero(r < rc).squeeze(1)
             s_src, s_vec, s_r = src[inside], vec[inside], r[inside]
             a, b = neighbour_pairs(s_src, n)
-            cos = (s_vec[a] * s_vec[b]).sum(1) / (s_r[a] * s_r[b])
-            theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
-            weight = (switch_cutoff(s_r[a], rc - self.taper_A, rc)
-                      * switch_cutoff(s_r[b], rc - self.taper_A, rc))
-            ang_c = self.angular_centres_rad.to(pos.dtype)
-            g = torch.exp(-0.5 * ((theta[:, None] - ang_c) / self.angular_width_rad) ** 2)
-            parts.append(torch.zeros(n, self.n_angular, dtype=pos.dtype, device=pos.device).index_add(
-                0, s_src[a], g * weight[:, None]))
+            parts.append(summed_in_blocks(partial(self._angular_terms, rc), s_src[a], n,
+                                          self.n_angular, (a, b), (s_vec, s_r)))
         return torch.cat(parts, dim=1)
+
+    def _radial_terms(self, edges: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """(E_block, n_radial) switched Gaussians of the distances r[edges] (Å)."""
+        r = r[edges]
+        centres = self.radial_centres_A.to(r.dtype)
+        gauss = torch.exp(-0.5 * ((r[:, None] - centres) / self.radial_width_A) ** 2)
+        return gauss * switch_cutoff(r, self.cutoff_A - self.taper_A, self.cutoff_A)[:, None]
+
+    def _angular_terms(self, rc: float, a: torch.Tensor, b: torch.Tensor, vec: torch.Tensor,
+                       r: torch.Tensor) -> torch.Tensor:
+        """(P_block, n_angular) Gaussians of the angles between bonds a and b inside `rc` Å,
+        weighted by both bonds' switches."""
+        cos = (vec[a] * vec[b]).sum(1) / (r[a] * r[b])
+        theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
+        weight = (switch_cutoff(r[a], rc - self.taper_A, rc)
+                  * switch_cutoff(r[b], rc - self.taper_A, rc))
+        centres = self.angular_centres_rad.to(r.dtype)
+        g = torch.exp(-0.5 * ((theta[:, None] - centres) / self.angular_width_rad) ** 2)
+        return g * weight[:, None]
 
     @torch.no_grad()
     def features_of_atoms(self, atoms) -> torch.Tensor:

@@ -177,7 +177,7 @@ def test_recomputed_messages_give_the_same_scores_and_gradients_and_keep_less(ce
 
 
 def test_add_rows_matches_index_add_in_value_and_gradient_and_keeps_only_the_index():
-    from xanesdiff.diffusion.score_model import AddRows
+    from xanesdiff.datasets.graph import AddRows
 
     gen = torch.Generator().manual_seed(0)
     values = torch.randn(30, 4, generator=gen, dtype=torch.float64, requires_grad=True)
