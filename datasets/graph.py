@@ -16,8 +16,9 @@ from vesin import NeighborList
 class AddRows(torch.autograd.Function):
     """`total.index_add_(0, index, values)` in place, whose backward keeps only `index`.
 
-    torch's own index_add keeps `values` for its backward: every block's messages would stay
-    in memory until the backward pass, and the out-of-place form copies `total` per block."""
+    For sums taken block by block (the score model's messages, the histograms' terms): torch's
+    own index_add keeps `values` for its backward, so every block's values would stay in memory
+    until the backward pass, and its out-of-place form copies `total` once per block."""
 
     @staticmethod
     def forward(ctx, total: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
