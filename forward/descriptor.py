@@ -45,17 +45,17 @@ def neighbour_pairs(src: torch.Tensor, n_atoms: int) -> tuple[torch.Tensor, torc
 ROWS_PER_BLOCK = 2 ** 16
 """Edges (or bond pairs) whose histogram terms are computed at once. A differentiated pass over
 more than one block recomputes each block's terms in the backward pass, so it keeps the
-blocks' indices rather than their (rows × bins) terms."""
+blocks' inputs rather than their (rows × bins) terms."""
 
 
-def summed_in_blocks(terms, index: torch.Tensor, n_rows: int, width: int,
-                     rows: tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor, ...]
+def summed_in_blocks(terms, total: torch.Tensor, index: torch.Tensor,
+                     rows: tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor, ...] = ()
                      ) -> torch.Tensor:
-    """(n_rows, width): for each k, terms(*(r[k] for r in rows), *inputs) added into row index[k].
+    """`total` (n_rows, width) plus, for each k, terms(*(r[k] for r in rows), *inputs) added
+    into row index[k].
 
-    `rows`: index tensors of `index`'s length (an edge, or a bond pair's two bonds), cut into
+    `rows`: tensors of `index`'s length (per-edge values, or a bond pair's two bonds), cut into
     blocks; `inputs`: the tensors `terms` reads at them, passed whole."""
-    total = inputs[0].new_zeros(n_rows, width)
     recompute = torch.is_grad_enabled() and len(index) > ROWS_PER_BLOCK
     for start in range(0, len(index), ROWS_PER_BLOCK):
         block = slice(start, start + ROWS_PER_BLOCK)
@@ -104,19 +104,18 @@ class RadialAngularDescriptor(nn.Module):
         src, dst = torch.from_numpy(i).to(pos.device), torch.from_numpy(j).to(pos.device)
         vec = pos[dst] + torch.from_numpy(shifts).to(pos) @ cell.reshape(3, 3) - pos[src]
         r = vec.norm(dim=1)
-        edges = torch.arange(len(r), device=pos.device)
-        parts = [summed_in_blocks(self._radial_terms, src, n, self.n_radial, (edges,), (r,))]
+        parts = [summed_in_blocks(self._radial_terms, pos.new_zeros(n, self.n_radial), src, (r,))]
         for rc in self.angular_cutoffs_A:
             inside = torch.nonzero(r < rc).squeeze(1)
             s_src, s_vec, s_r = src[inside], vec[inside], r[inside]
             a, b = neighbour_pairs(s_src, n)
-            parts.append(summed_in_blocks(partial(self._angular_terms, rc), s_src[a], n,
-                                          self.n_angular, (a, b), (s_vec, s_r)))
+            parts.append(summed_in_blocks(partial(self._angular_terms, rc),
+                                          pos.new_zeros(n, self.n_angular), s_src[a], (a, b),
+                                          (s_vec, s_r)))
         return torch.cat(parts, dim=1)
 
-    def _radial_terms(self, edges: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """(E_block, n_radial) switched Gaussians of the distances r[edges] (Å)."""
-        r = r[edges]
+    def _radial_terms(self, r: torch.Tensor) -> torch.Tensor:
+        """(E_block, n_radial) switched Gaussians of the edges' lengths r (Å)."""
         centres = self.radial_centres_A.to(r.dtype)
         gauss = torch.exp(-0.5 * ((r[:, None] - centres) / self.radial_width_A) ** 2)
         return gauss * switch_cutoff(r, self.cutoff_A - self.taper_A, self.cutoff_A)[:, None]

@@ -223,11 +223,11 @@ def add_sample_estimates(points: list[dict]) -> None:
     for p in points:
         p["sample_s"] = calls * p["step_s"]
         p["sample_s_note"] = f"estimated: {calls} score calls"
-        for step, sample in (("guided_step_s", "guided_sample_s"),
-                             ("fast_guided_step_s", "fast_guided_sample_s")):
-            if step in p:
-                p[sample] = guided_calls * p[step] + (calls - guided_calls) * p["step_s"]
-        if any(key in p for key in GUIDES.values()):
+        steps = [key for key in GUIDES.values() if key in p]
+        for step in steps:  # guided_step_s -> guided_sample_s, fast_guided_… alike
+            p[step.replace("_step_s", "_sample_s")] = (guided_calls * p[step]
+                                                        + (calls - guided_calls) * p["step_s"])
+        if steps:
             p["sample_s_note"] += f", {guided_calls} of them guided when guided"
 
 
