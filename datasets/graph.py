@@ -32,6 +32,51 @@ class AddRows(torch.autograd.Function):
         return grad, None, grad.index_select(0, index)
 
 
+class RecomputedAddRows(torch.autograd.Function):
+    """`total.index_add_(0, index, terms(*args))` in place, keeping only `index` and `args`:
+    `terms` runs without a graph in the forward pass and again, differentiated, in the backward.
+
+    Like `torch.utils.checkpoint`, but the forward pass records one node per block instead of
+    one per operation of `terms`: the checkpoint's per-operation records (small, long-lived
+    allocations made between each block's large transient ones) fragmented glibc's heap, so a
+    recomputed 3·10⁴-atom score call peaked at 4.3 GB instead of 1.9 GB. `params` are the
+    tensors `terms` reads besides `args` (a module's weights), listed so their gradients flow.
+    Twice differentiable: under `create_graph` the recomputation is recorded."""
+
+    @staticmethod
+    def forward(ctx, total, index, terms, n_args: int, *args_and_params):
+        total.index_add_(0, index, terms(*args_and_params[:n_args]))  # no graph: grad is off
+        ctx.mark_dirty(total)
+        ctx.save_for_backward(index, *args_and_params[:n_args])
+        ctx.terms, ctx.params = terms, args_and_params[n_args:]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, *args = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[4:]
+        recorded = torch.is_grad_enabled()  # create_graph: gradients of the gradients too
+        if not recorded:
+            args = [a.detach().requires_grad_(need) for a, need in zip(args, wanted)]
+        with torch.enable_grad():
+            values = ctx.terms(*args)
+        sources = [x for x, need in zip((*args, *ctx.params), wanted) if need]
+        grads = iter(torch.autograd.grad(values, sources, grad.index_select(0, index),
+                                         allow_unused=True, create_graph=recorded)
+                     if sources else ())
+        return (grad, None, None, None, *(next(grads) if need else None for need in wanted))
+
+
+def add_rows(total: torch.Tensor, index: torch.Tensor, terms, args: tuple,
+             recompute: bool = False, params: tuple = ()) -> torch.Tensor:
+    """`total` plus `terms(*args)` added into rows `index` (in place): by `AddRows`, or with
+    `recompute` by `RecomputedAddRows` (keeps the inputs, not the terms, for the backward)."""
+    if recompute:
+        return RecomputedAddRows.apply(total, index, terms, len(args), *args,
+                                       *(p for p in params if p.requires_grad))
+    return AddRows.apply(total, index, terms(*args))
+
+
 def periodic_neighbor_list(
     positions_A: np.ndarray, cell_A: np.ndarray, cutoff_A: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -34,7 +34,9 @@ class DiffusionPrior:
     def __init__(self, score_model: EquivariantScoreModel, schedule: VESchedule,
                  skin_A: float = 1.0, metadata: dict | None = None,
                  hard_core: HardCoreScore | None = None):
-        self.score_model = score_model.eval()
+        # sampling differentiates positions only: frozen weights spare every backward pass
+        # (guidance's, a recomputed one's) their gradients
+        self.score_model = score_model.eval().requires_grad_(False)
         self.schedule = schedule
         self.hard_core = hard_core
         self.cutoff_A = float(score_model.cutoff_A)

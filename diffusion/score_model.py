@@ -19,9 +19,8 @@ import torch
 from e3nn import o3
 from e3nn.nn import FullyConnectedNet, Gate
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from xanesdiff.datasets.graph import AddRows, edge_vectors
+from xanesdiff.datasets.graph import add_rows, edge_vectors
 from xanesdiff.runtime import device_memory_mb
 
 KEPT_MB_PER_EDGE = 0.017
@@ -221,9 +220,8 @@ class Interaction(nn.Module):
         for start in range(0, src.numel(), size):
             block = slice(start, start + size)
             inputs = (h, dst[block], edge_sh[block], edge_features[block], edge_envelope[block])
-            msg = (checkpoint(self._messages, *inputs, use_reentrant=False) if recompute
-                   else self._messages(*inputs))
-            agg = AddRows.apply(agg, src[block], msg)
+            agg = add_rows(agg, src[block], self._messages, inputs, recompute,
+                           params=tuple(self.radial.parameters()))
         agg = agg * self.norm
         if skip:  # back to the full layout, skipped paths at zero
             agg = agg.new_zeros(agg.shape[0], self.tp.irreps_out.dim).index_copy(

@@ -14,9 +14,8 @@ from functools import partial
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from xanesdiff.datasets.graph import AddRows, periodic_neighbor_list
+from xanesdiff.datasets.graph import add_rows, periodic_neighbor_list
 
 
 def cosine_cutoff(r: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -60,8 +59,7 @@ def summed_in_blocks(terms, total: torch.Tensor, index: torch.Tensor,
     for start in range(0, len(index), ROWS_PER_BLOCK):
         block = slice(start, start + ROWS_PER_BLOCK)
         args = (*(row[block] for row in rows), *inputs)
-        values = checkpoint(terms, *args, use_reentrant=False) if recompute else terms(*args)
-        total = AddRows.apply(total, index[block], values)
+        total = add_rows(total, index[block], terms, args, recompute)
     return total
 
 

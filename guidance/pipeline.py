@@ -26,11 +26,11 @@ from xanesdiff.guidance.guided_score import GuidedScore
 from xanesdiff.guidance.validation import predict_members, spectral_match
 from xanesdiff.runtime import fit_kept_memory
 
-SURROGATE_STEP_MB_PER_ATOM = {"descriptor": 0.15, "learned": 0.9}
+SURROGATE_STEP_MB_PER_ATOM = {"descriptor": 0.05, "learned": 0.9}
 """The guidance surrogate's share of a guided step's working set (forward and backward), MB per
-atom, without kept freed memory: histograms alone (`fast`, summed in recomputed blocks; 0.10 at
-10⁴ atoms, benchmarks/scale.json) or with learned (M3GNet, GNN) features (3000 atoms). The
-prior's share is its own `kept_mb`."""
+atom, without kept freed memory: histograms alone (`fast`, summed in recomputed blocks; peak
+over the loaded process 0.046 at 3000 atoms, 0.039 at 10⁴, 0.019 at 10⁵; benchmarks/scale.json)
+or with learned (M3GNet, GNN) features (3000 atoms). The prior's share is its own `kept_mb`."""
 
 
 def descriptor_only(surrogate) -> bool:

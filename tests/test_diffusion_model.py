@@ -176,6 +176,69 @@ def test_recomputed_messages_give_the_same_scores_and_gradients_and_keep_less(ce
     assert recomputed[2] < 0.5 * plain[2]
 
 
+def _graph_nodes(tensor) -> int:
+    """Autograd nodes reachable from `tensor` (the records a forward pass keeps)."""
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return len(seen)
+
+
+def test_recomputed_add_rows_matches_index_add_to_second_order_and_records_one_node_per_block():
+    from xanesdiff.datasets.graph import add_rows
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 5, (30,), generator=gen)
+
+    def terms(rows):  # reads `weight` besides its argument, as a layer reads its parameters
+        return torch.tanh(rows @ weight) * rows.sum(-1, keepdim=True)
+
+    def summed(x, weight, recompute):
+        total = torch.zeros(5, 4, dtype=x.dtype)
+        for block in (slice(0, 12), slice(12, 30)):
+            total = add_rows(total, index[block], terms, (x[block],), recompute, params=(weight,))
+        return total ** 2
+
+    expected = torch.zeros(5, 4, dtype=torch.float64).index_add(0, index, terms(x)) ** 2
+    torch.testing.assert_close(summed(x, weight, True), expected, rtol=1e-14, atol=0)
+    assert torch.autograd.gradcheck(lambda a, w: summed(a, w, True), (x, weight))
+    assert torch.autograd.gradgradcheck(lambda a, w: summed(a, w, True), (x, weight))
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t,
+                                                  lambda t: t):
+        add_rows(torch.zeros(5, 4, dtype=torch.float64), index, terms, (x * 1.0,), True,
+                 params=(weight,))
+    assert shapes == [index.shape, x.shape]  # the index and the argument, not the terms
+    # two blocks: two records (plus the inputs' own), however many operations `terms` has
+    assert _graph_nodes(summed(x, weight, True)) < _graph_nodes(summed(x, weight, False)) - 4
+
+
+def test_recomputed_score_call_records_a_graph_whose_size_does_not_grow_with_the_layers_work(
+        cell_and_pos, monkeypatch):
+    """The forward pass of a recomputed score call keeps one record per block of edges, not one
+    per tensor-product operation (those records fragmented the heap of large cells)."""
+    from xanesdiff.diffusion.score_model import Interaction
+
+    cell, pos, numbers = cell_and_pos
+    monkeypatch.setattr(Interaction, "edge_block", 64)
+    model = small_model()
+    g = periodic_graph(pos, cell, numbers, model.cutoff_A)
+    nodes = {}
+    for recompute_min_edges in (10 ** 9, 0):
+        model.recompute_min_edges = recompute_min_edges
+        out = model(pos.clone().requires_grad_(True), cell.unsqueeze(0), numbers,
+                    torch.tensor(0.3, dtype=pos.dtype), g.edge_index, g.edge_shift.double())
+        nodes[recompute_min_edges] = _graph_nodes(out)
+    blocks = -(-g.edge_index.shape[1] // 64) * len(model.layers)
+    assert nodes[0] < nodes[10 ** 9] / 3
+    assert nodes[10 ** 9] - nodes[0] > 5 * blocks  # every block's operations are gone
+
+
 def test_add_rows_matches_index_add_in_value_and_gradient_and_keeps_only_the_index():
     from xanesdiff.datasets.graph import AddRows
 
