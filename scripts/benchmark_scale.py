@@ -325,6 +325,9 @@ def main(argv=None) -> None:
                   "device": str(device),
                   "machine": f"{device_name(device)}, {args.threads} torch threads"}
     else:  # extend an earlier run (e.g. with the guided large cell)
+        if not Path(args.out).is_file():
+            parser.error(f"--atoms without values adds large cells to the curve in --out, but "
+                         f"{args.out} does not exist: give atom counts, or an existing --out")
         result = json.loads(Path(args.out).read_text())
         result["command"] += f"; then {command}"
         points = result["points"]

@@ -572,3 +572,16 @@ def test_scale_benchmark_point_measures_the_guides_it_is_given(recompute):
                            recompute=recompute)
     assert result["step_s"] > 0 and result["fast_guided_step_s"] > 0
     assert "guided_step_s" not in result and result["recompute"] == recompute
+
+
+def test_scale_benchmark_without_atom_counts_needs_an_earlier_curve(tmp_path, capsys):
+    """`--atoms` with no values extends the curve in --out; a missing --out is a one-line usage
+    error naming the file, not a traceback."""
+    from xanesdiff.scripts.benchmark_scale import main
+
+    missing = tmp_path / "scale.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--atoms", "--large", "500", "--out", str(missing)])
+    assert exit_info.value.code == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not missing.exists()
