@@ -32,49 +32,59 @@ class AddRows(torch.autograd.Function):
         return grad, None, grad.index_select(0, index)
 
 
-class RecomputedAddRows(torch.autograd.Function):
-    """`total.index_add_(0, index, terms(*args))` in place, keeping only `index` and `args`:
-    `terms` runs without a graph in the forward pass and again, differentiated, in the backward.
+class Recomputed(torch.autograd.Function):
+    """`fn(*args)` keeping only its tensor arguments: `fn` runs without a graph in the forward
+    pass and again, differentiated, in the backward pass (use `recomputed`).
 
-    Like `torch.utils.checkpoint`, but the forward pass records one node per block instead of
-    one per operation of `terms`: the checkpoint's per-operation records (small, long-lived
-    allocations made between each block's large transient ones) fragmented glibc's heap, so a
-    recomputed 3·10⁴-atom score call peaked at 4.3 GB instead of 1.9 GB. `params` are the
-    tensors `terms` reads besides `args` (a module's weights), listed so their gradients flow.
-    Twice differentiable: under `create_graph` the recomputation is recorded."""
-
-    @staticmethod
-    def forward(ctx, total, index, terms, n_args: int, *args_and_params):
-        total.index_add_(0, index, terms(*args_and_params[:n_args]))  # no graph: grad is off
-        ctx.mark_dirty(total)
-        ctx.save_for_backward(index, *args_and_params[:n_args])
-        ctx.terms, ctx.params = terms, args_and_params[n_args:]
-        return total
+    Like `torch.utils.checkpoint`, but the forward pass records one node instead of one per
+    operation of `fn`, and `torch.autograd.grad` works through it (the reentrant checkpoint's
+    does not). The checkpoint's per-operation records, small long-lived allocations made
+    between each block's large transient ones, fragmented glibc's heap: a recomputed
+    3·10⁴-atom score call peaked at 4.4 GB instead of 1.4 GB. `params` are the tensors `fn`
+    reads besides its arguments (a module's weights), listed so their gradients flow. Twice
+    differentiable: under `create_graph` the recomputation is recorded."""
 
     @staticmethod
-    def backward(ctx, grad):
-        index, *args = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[4:]
+    def forward(ctx, fn, n_args: int, *args_and_params):
+        args = args_and_params[:n_args]
+        ctx.tensor_positions = [k for k, a in enumerate(args) if torch.is_tensor(a)]
+        ctx.save_for_backward(*(args[k] for k in ctx.tensor_positions))
+        ctx.fn, ctx.params = fn, args_and_params[n_args:]
+        ctx.args = [None if torch.is_tensor(a) else a for a in args]
+        return fn(*args)  # no graph: grad is off in a Function's forward
+
+    @staticmethod
+    def backward(ctx, *grads):
+        wanted = ctx.needs_input_grad[2:]
         recorded = torch.is_grad_enabled()  # create_graph: gradients of the gradients too
-        if not recorded:
-            args = [a.detach().requires_grad_(need) for a, need in zip(args, wanted)]
+        args = list(ctx.args)
+        for k, tensor in zip(ctx.tensor_positions, ctx.saved_tensors):
+            args[k] = tensor if recorded else tensor.detach().requires_grad_(wanted[k])
         with torch.enable_grad():
-            values = ctx.terms(*args)
+            outputs = ctx.fn(*args)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(out, grad) for out, grad in zip(outputs, grads) if out.requires_grad]
         sources = [x for x, need in zip((*args, *ctx.params), wanted) if need]
-        grads = iter(torch.autograd.grad(values, sources, grad.index_select(0, index),
-                                         allow_unused=True, create_graph=recorded)
-                     if sources else ())
-        return (grad, None, None, None, *(next(grads) if need else None for need in wanted))
+        if not (pairs and sources):
+            return (None, None, *(None for _ in wanted))
+        found = iter(torch.autograd.grad([out for out, _ in pairs], sources,
+                                         [grad for _, grad in pairs], allow_unused=True,
+                                         create_graph=recorded))
+        return (None, None, *(next(found) if need else None for need in wanted))
+
+
+def recomputed(fn, *args, params=()):
+    """`fn(*args)` (a tensor or a tuple of them), recomputed in the backward pass instead of
+    kept (`Recomputed`); `params`: weights `fn` reads besides `args` (frozen ones are skipped)."""
+    return Recomputed.apply(fn, len(args), *args, *(p for p in params if p.requires_grad))
 
 
 def add_rows(total: torch.Tensor, index: torch.Tensor, terms, args: tuple,
              recompute: bool = False, params: tuple = ()) -> torch.Tensor:
-    """`total` plus `terms(*args)` added into rows `index` (in place): by `AddRows`, or with
-    `recompute` by `RecomputedAddRows` (keeps the inputs, not the terms, for the backward)."""
-    if recompute:
-        return RecomputedAddRows.apply(total, index, terms, len(args), *args,
-                                       *(p for p in params if p.requires_grad))
-    return AddRows.apply(total, index, terms(*args))
+    """`total` plus `terms(*args)` added into rows `index` (in place, `AddRows`); with
+    `recompute` the terms are recomputed in the backward pass, so only the inputs are kept."""
+    values = recomputed(terms, *args, params=params) if recompute else terms(*args)
+    return AddRows.apply(total, index, values)
 
 
 def periodic_neighbor_list(

@@ -24,7 +24,7 @@ from torch import nn
 
 from xanesdiff.datasets.assets import resolve_asset
 from xanesdiff.datasets.errors import XanesdiffInputError
-from xanesdiff.datasets.graph import periodic_neighbor_list
+from xanesdiff.datasets.graph import periodic_neighbor_list, recomputed
 from xanesdiff.runtime import device_memory_mb
 
 DEFAULT_BACKBONE = "models/M3GNet-MP-2021.2.8-PES"
@@ -269,7 +269,9 @@ def backbone_blocks(m3gnet: nn.Module, pos: torch.Tensor, offsets_A: torch.Tenso
             edge_index, edge_feat, node_feat, None, expanded_dists, None, None, n_atoms, 1)
         return edge_feat, node_feat
 
-    run = _recomputed if recompute else (lambda fn, *args: fn(*args))
+    weights = tuple(m3gnet.parameters())
+    run = ((lambda fn, *args: recomputed(fn, *args, params=weights)) if recompute
+           else (lambda fn, *args: fn(*args)))
     n_triples = triples.shape[1]
     chunks = [run(basis, bond_vec, bond_dist, start, min(start + TRIPLES_PER_CHUNK, n_triples))
               for start in range(0, max(n_triples, 1), TRIPLES_PER_CHUNK)]
@@ -282,12 +284,3 @@ def backbone_blocks(m3gnet: nn.Module, pos: torch.Tensor, offsets_A: torch.Tenso
                                    three_body_cutoff, expanded_dists)
         out[f"gc_{k + 1}"] = (node_feat, edge_feat)
     return out
-
-
-def _recomputed(fn, *args):
-    """`fn(*args)` under activation checkpointing. Early stopping of the recomputation is off:
-    it works by raising through matgl's TorchScript functions, which turn it into an error."""
-    from torch.utils import checkpoint
-
-    with checkpoint.set_checkpoint_early_stop(False):
-        return checkpoint.checkpoint(fn, *args, use_reentrant=False)

@@ -187,7 +187,7 @@ def _graph_nodes(tensor) -> int:
     return len(seen)
 
 
-def test_recomputed_add_rows_matches_index_add_to_second_order_and_records_one_node_per_block():
+def test_recomputed_row_sums_match_index_add_to_second_order_and_record_one_node_per_block():
     from xanesdiff.datasets.graph import add_rows
 
     gen = torch.Generator().manual_seed(1)
@@ -213,9 +213,33 @@ def test_recomputed_add_rows_matches_index_add_to_second_order_and_records_one_n
                                                   lambda t: t):
         add_rows(torch.zeros(5, 4, dtype=torch.float64), index, terms, (x * 1.0,), True,
                  params=(weight,))
-    assert shapes == [index.shape, x.shape]  # the index and the argument, not the terms
+    assert sorted(shapes) == sorted([index.shape, x.shape])  # not the terms
     # two blocks: two records (plus the inputs' own), however many operations `terms` has
     assert _graph_nodes(summed(x, weight, True)) < _graph_nodes(summed(x, weight, False)) - 4
+
+
+def test_recomputed_function_passes_plain_arguments_and_differentiates_every_output():
+    """`recomputed` as the M3GNet featuriser uses it: an int among the arguments, a tuple of
+    outputs of which the loss reads one only, a weight read besides the arguments."""
+    from xanesdiff.datasets.graph import recomputed
+
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def block(power, a, b):
+        return torch.sin(a @ weight) ** power, a * b
+
+    def loss(a, b, weight, recompute, both=True):
+        first, second = recomputed(block, 2, a, b, params=(weight,)) if recompute else block(2, a, b)
+        return (first.sum() + (second ** 2).sum()) if both else first.sum()
+
+    for both in (True, False):
+        torch.testing.assert_close(loss(a, b, weight, True, both), loss(a, b, weight, False, both),
+                                   rtol=1e-14, atol=0)
+        assert torch.autograd.gradcheck(lambda *x: loss(*x, True, both), (a, b, weight))
+        assert torch.autograd.gradgradcheck(lambda *x: loss(*x, True, both), (a, b, weight))
 
 
 def test_recomputed_score_call_records_a_graph_whose_size_does_not_grow_with_the_layers_work(
