@@ -32,6 +32,10 @@ DEFAULT_LAYERS = ("gc_1", "gc_2", "gc_3")
 GRAPH_MB_PER_ATOM = 2.4
 """Memory autograd keeps for a differentiated pass over the three blocks, MB per atom (1000-atom
 a-C cell at 2.5 g/cm³); with recomputation ≈1.1, but the surrogate's gradient takes ≈1.4× as long."""
+INFERENCE_BYTES_PER_TRIPLE = 320
+"""Peak memory of a pass without gradient (prediction, validation) per bond pair within the
+three-body cutoff, which dominates it: 10.3 GB for 3·10⁴ a-C atoms at 2.5 g/cm³ (≈1090 pairs
+per atom), over the loaded model."""
 RECOMPUTE_MEMORY_FRACTION = 0.4
 """Recompute when the kept graph would take more than this share of the machine's memory
 (a 10⁴-atom cell on a 23 GB machine does; a 3000-atom cell does not)."""
@@ -167,6 +171,12 @@ class M3GNetFeaturizer(nn.Module):
             else:
                 parts.append(node_feat)
         return torch.cat(parts, dim=1)
+
+    def inference_mb(self, n_atoms: int, volume_A3: float) -> float:
+        """Peak memory (MB) of a pass without gradient over `n_atoms` atoms spread evenly over
+        `volume_A3` Å³: its three-body pairs grow as the density squared."""
+        neighbours = n_atoms / volume_A3 * 4.0 / 3.0 * np.pi * self.m3gnet.threebody_cutoff ** 3
+        return n_atoms * neighbours * max(neighbours - 1.0, 0.0) * INFERENCE_BYTES_PER_TRIPLE / 2**20
 
     def _recompute(self, n_atoms: int, device=None) -> bool:
         if self.recompute_min_atoms is not None:

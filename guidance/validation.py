@@ -18,6 +18,15 @@ def spectral_match(predicted: np.ndarray, target: np.ndarray) -> dict:
             "cosine": cosine}
 
 
+def prediction_mb(surrogate, n_atoms: int, volume_A3: float) -> float:
+    """Peak memory (MB) of predicting one cell's spectra: what its featurisers' passes without
+    gradient need (`inference_mb`; histograms and small networks count as nothing here)."""
+    featurizer = surrogate.featurizer
+    parts = getattr(featurizer, "parts", [featurizer])
+    return sum(part.inference_mb(n_atoms, volume_A3) for part in parts
+               if hasattr(part, "inference_mb"))
+
+
 def predict_members(surrogate, atoms) -> np.ndarray:
     """Ensemble members' mean spectra (K, M) of an ASE structure."""
     return predict_sites(surrogate, atoms).mean(1)

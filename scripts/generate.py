@@ -109,6 +109,14 @@ def run(cfg: DictConfig) -> dict:
     if density is None and target is None:
         raise XanesdiffInputError("density is needed when there is no target spectrum to infer "
                                   "it from", "density")
+
+    def check_validation_fits(density):
+        _check_validation_fits(int(cfg.n_atoms) if start is None else len(start[0]), density,
+                               {"models.validator": validator, "models.judge": judge}, device)
+
+    density_known = density is not None
+    if density_known:  # refused before the out dir records this request
+        check_validation_fits(density)
     check_out_dir(out, request_fingerprint(cfg), bool(cfg.overwrite))
 
     report: dict = {"target": None if target is None else
@@ -135,6 +143,8 @@ def run(cfg: DictConfig) -> dict:
             "scan_file": scan_path.name}
     else:
         report["density"] = {"given_g_cm3": density}
+    if not density_known:  # inferred just now
+        check_validation_fits(density)
     report["prior_fidelity"] = prior_concerns(prior, density if start is None
                                               else density_g_cm3(start[0]))
 
@@ -235,6 +245,31 @@ def _advise_fast_guide(n_atoms: int, guide, device) -> None:
         log.warning("%d atoms with a learned-feature guide on the CPU: ≈1 h per structure for "
                     "10⁴ atoms on 2 cores; models.surrogate=fast sampler=pc_quick took 12 min "
                     "(validation still uses models.validator)", n_atoms)
+
+
+VALIDATION_MEMORY_FRACTION = 0.8
+"""Share of the device's memory one structure's validation (a pass without gradient) may take."""
+
+
+def _check_validation_fits(n_atoms: int, density: float, surrogates: dict, device) -> None:
+    """Refuse, before hours of sampling, cells whose validation would not fit in memory (an
+    M3GNet pass over a 10⁵-atom cell needs ≈33 GB), naming the cheaper choice."""
+    from xanesdiff.diffusion.sampling import cubic_cell_for_density
+    from xanesdiff.guidance.validation import prediction_mb
+    from xanesdiff.runtime import device_memory_mb
+
+    memory_mb = device_memory_mb(device)
+    if memory_mb is None:
+        return
+    volume_A3 = abs(float(np.linalg.det(np.asarray(cubic_cell_for_density(n_atoms, density)))))
+    for key, surrogate in surrogates.items():
+        need_mb = prediction_mb(surrogate, n_atoms, volume_A3)
+        if need_mb > VALIDATION_MEMORY_FRACTION * memory_mb:
+            raise XanesdiffInputError(
+                f"validating a {n_atoms}-atom cell at {density:.2f} g/cm³ with {key}'s M3GNet "
+                f"features needs ≈{need_mb / 1024:.0f} GB, more than {VALIDATION_MEMORY_FRACTION:.0%} "
+                f"of this device's {memory_mb / 1024:.0f} GB: name a histogram surrogate "
+                f"({key}=fast) or generate fewer atoms", key)
 
 
 def _load_validator(validator_path, guide_path, guide):

@@ -350,3 +350,32 @@ def test_generate_on_the_gpu_writes_the_structure_the_cpu_writes(tiny_models, tm
     delta -= np.round(delta @ np.linalg.inv(cell)) @ cell
     assert np.abs(delta).max() < 1e-3
     assert abs(frames["cpu"].info["mae"] - frames["cuda"].info["mae"]) < 1e-4
+
+
+def test_a_cell_whose_validation_would_not_fit_is_refused_before_sampling(monkeypatch):
+    """M3GNet's pass without gradient grows with its three-body pairs (∝ atoms × density²):
+    `generate` refuses, before sampling, a cell whose validation would exceed the device's
+    memory, naming the key to change; histogram surrogates need no such room."""
+    import torch
+
+    import xanesdiff.runtime as runtime
+    from xanesdiff.datasets.errors import XanesdiffInputError
+    from xanesdiff.forward.surrogate import load_surrogate
+    from xanesdiff.guidance.validation import prediction_mb
+    from xanesdiff.scripts.generate import _check_validation_fits
+
+    m3gnet, histograms = load_surrogate("default"), load_surrogate("fast")
+    one = prediction_mb(m3gnet, 10_000, 80_000.0)
+    assert one > 1000  # GBs at 10⁴ atoms (10.3 GB measured at 3·10⁴)
+    assert prediction_mb(m3gnet, 20_000, 160_000.0) == pytest.approx(2 * one)  # same density
+    assert prediction_mb(m3gnet, 10_000, 40_000.0) == pytest.approx(4 * one, rel=0.02)
+    assert prediction_mb(histograms, 10**6, 8e6) == 0
+
+    monkeypatch.setattr(runtime, "device_memory_mb", lambda device=None: 24_000.0)
+    cpu = torch.device("cpu")
+    _check_validation_fits(10_000, 2.5, {"models.validator": m3gnet}, cpu)
+    _check_validation_fits(100_000, 2.5, {"models.validator": histograms}, cpu)
+    with pytest.raises(XanesdiffInputError, match=r"models\.judge=fast") as refused:
+        _check_validation_fits(100_000, 2.5, {"models.validator": histograms,
+                                              "models.judge": m3gnet}, cpu)
+    assert "100000-atom" in str(refused.value)
