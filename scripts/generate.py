@@ -263,6 +263,8 @@ def _check_validation_fits(n_atoms: int, density: float, surrogates: dict, devic
         return
     volume_A3 = abs(float(np.linalg.det(np.asarray(cubic_cell_for_density(n_atoms, density)))))
     for key, surrogate in surrogates.items():
+        if surrogate is None:  # no judge shipped
+            continue
         need_mb = prediction_mb(surrogate, n_atoms, volume_A3)
         if need_mb > VALIDATION_MEMORY_FRACTION * memory_mb:
             raise XanesdiffInputError(

@@ -374,7 +374,8 @@ def test_a_cell_whose_validation_would_not_fit_is_refused_before_sampling(monkey
     monkeypatch.setattr(runtime, "device_memory_mb", lambda device=None: 24_000.0)
     cpu = torch.device("cpu")
     _check_validation_fits(10_000, 2.5, {"models.validator": m3gnet}, cpu)
-    _check_validation_fits(100_000, 2.5, {"models.validator": histograms}, cpu)
+    _check_validation_fits(100_000, 2.5, {"models.validator": histograms, "models.judge": None},
+                           cpu)
     with pytest.raises(XanesdiffInputError, match=r"models\.judge=fast") as refused:
         _check_validation_fits(100_000, 2.5, {"models.validator": histograms,
                                               "models.judge": m3gnet}, cpu)
