@@ -87,6 +87,12 @@ def add_rows(total: torch.Tensor, index: torch.Tensor, terms, args: tuple,
     return AddRows.apply(total, index, values)
 
 
+def expected_neighbours(n_atoms: int, volume_A3: float, cutoff_A: float) -> float:
+    """Neighbours per atom within `cutoff_A` Å of atoms spread evenly over `volume_A3` Å³ (for
+    memory estimates made before any structure exists)."""
+    return n_atoms / volume_A3 * 4.0 / 3.0 * np.pi * cutoff_A ** 3
+
+
 def periodic_neighbor_list(
     positions_A: np.ndarray, cell_A: np.ndarray, cutoff_A: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

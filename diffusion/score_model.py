@@ -219,11 +219,12 @@ class Interaction(nn.Module):
         skip = self.skip_unused_paths
         agg = h.new_zeros(h.shape[0], (self.tp_used if skip else self.tp).irreps_out.dim)
         size = self.edge_block if h.device.type == "cpu" else self.edge_block_gpu
+        radial_weights = tuple(self.radial.parameters())  # what `_messages` reads besides inputs
         for start in range(0, src.numel(), size):
             block = slice(start, start + size)
             inputs = (h, dst[block], edge_sh[block], edge_features[block], edge_envelope[block])
             agg = add_rows(agg, src[block], self._messages, inputs, recompute,
-                           params=tuple(self.radial.parameters()))
+                           params=radial_weights)
         agg = agg * self.norm
         if skip:  # back to the full layout, skipped paths at zero
             agg = agg.new_zeros(agg.shape[0], self.tp.irreps_out.dim).index_copy(

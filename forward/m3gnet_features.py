@@ -24,7 +24,7 @@ from torch import nn
 
 from xanesdiff.datasets.assets import resolve_asset
 from xanesdiff.datasets.errors import XanesdiffInputError
-from xanesdiff.datasets.graph import periodic_neighbor_list, recomputed
+from xanesdiff.datasets.graph import expected_neighbours, periodic_neighbor_list, recomputed
 from xanesdiff.runtime import device_memory_mb
 
 DEFAULT_BACKBONE = "models/M3GNet-MP-2021.2.8-PES"
@@ -175,7 +175,7 @@ class M3GNetFeaturizer(nn.Module):
     def inference_mb(self, n_atoms: int, volume_A3: float) -> float:
         """Peak memory (MB) of a pass without gradient over `n_atoms` atoms spread evenly over
         `volume_A3` Å³: its three-body pairs grow as the density squared."""
-        neighbours = n_atoms / volume_A3 * 4.0 / 3.0 * np.pi * self.m3gnet.threebody_cutoff ** 3
+        neighbours = expected_neighbours(n_atoms, volume_A3, self.m3gnet.threebody_cutoff)
         return n_atoms * neighbours * max(neighbours - 1.0, 0.0) * INFERENCE_BYTES_PER_TRIPLE / 2**20
 
     def _recompute(self, n_atoms: int, device=None) -> bool:

@@ -16,7 +16,7 @@ from ase import Atoms
 from ase.data import atomic_numbers
 
 from xanesdiff.datasets.errors import XanesdiffInputError
-from xanesdiff.datasets.graph import wrap_positions
+from xanesdiff.datasets.graph import expected_neighbours, wrap_positions
 from xanesdiff.datasets.structures import density_g_cm3 as density_of_atoms
 from xanesdiff.diffusion.autoguidance import autoguidance_weight
 from xanesdiff.diffusion.samplers import gaussian_like
@@ -44,7 +44,7 @@ def guided_step_mb(surrogate, score_model, n_atoms: int, cell_A, device=None) ->
     for its backward pass over the edges expected in this cell (uniform density)."""
     cell = torch.as_tensor(cell_A, dtype=torch.float64).detach().cpu().reshape(3, 3)
     volume_A3 = abs(float(torch.linalg.det(cell)))
-    neighbours = n_atoms / volume_A3 * 4.0 / 3.0 * np.pi * score_model.cutoff_A ** 3
+    neighbours = expected_neighbours(n_atoms, volume_A3, score_model.cutoff_A)
     share = SURROGATE_STEP_MB_PER_ATOM["descriptor" if descriptor_only(surrogate) else "learned"]
     return n_atoms * share + score_model.kept_mb(int(n_atoms * neighbours), device)
 
