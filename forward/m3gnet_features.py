@@ -32,10 +32,11 @@ DEFAULT_LAYERS = ("gc_1", "gc_2", "gc_3")
 GRAPH_MB_PER_ATOM = 2.4
 """Memory autograd keeps for a differentiated pass over the three blocks, MB per atom (1000-atom
 a-C cell at 2.5 g/cm³); with recomputation ≈1.1, but the surrogate's gradient takes ≈1.4× as long."""
-INFERENCE_BYTES_PER_TRIPLE = 320
+INFERENCE_BYTES_PER_TRIPLE = 420
 """Peak memory of a pass without gradient (prediction, validation) per bond pair within the
-three-body cutoff, which dominates it: 10.3 GB for 3·10⁴ a-C atoms at 2.5 g/cm³ (≈1090 pairs
-per atom), over the loaded model."""
+three-body cutoff, which dominates it, over the loaded model: ≈300 for 3·10⁴ a-C atoms at
+2.5 g/cm³ (≈1090 pairs per atom) with glibc's usual heap, 390 for 10⁴ in the kept heap that
+sampling leaves (`runtime.keep_freed_memory`)."""
 RECOMPUTE_MEMORY_FRACTION = 0.4
 """Recompute when the kept graph would take more than this share of the machine's memory
 (a 10⁴-atom cell on a 23 GB machine does; a 3000-atom cell does not)."""

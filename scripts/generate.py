@@ -253,7 +253,7 @@ VALIDATION_MEMORY_FRACTION = 0.8
 
 def _check_validation_fits(n_atoms: int, density: float, surrogates: dict, device) -> None:
     """Refuse, before hours of sampling, cells whose validation would not fit in memory (an
-    M3GNet pass over a 10⁵-atom cell needs ≈33 GB), naming the cheaper choice."""
+    M3GNet pass over a 10⁵-atom cell needs ≈44 GB), naming the cheaper choice."""
     from xanesdiff.diffusion.sampling import cubic_cell_for_density
     from xanesdiff.guidance.validation import prediction_mb
     from xanesdiff.runtime import device_memory_mb
