@@ -20,11 +20,41 @@ def spectral_match(predicted: np.ndarray, target: np.ndarray) -> dict:
 
 def prediction_mb(surrogate, n_atoms: int, volume_A3: float) -> float:
     """Peak memory (MB) of predicting one cell's spectra: what its featurisers' passes without
-    gradient need (`inference_mb`; histograms and small networks count as nothing here)."""
-    featurizer = surrogate.featurizer
+    gradient need (`inference_mb`; histograms, small networks and surrogates of other kinds
+    count as nothing here)."""
+    featurizer = getattr(surrogate, "featurizer", None)
     parts = getattr(featurizer, "parts", [featurizer])
     return sum(part.inference_mb(n_atoms, volume_A3) for part in parts
                if hasattr(part, "inference_mb"))
+
+
+VALIDATION_MEMORY_FRACTION = 0.8
+"""Share of the device's memory one structure's validation (a pass without gradient) may take."""
+
+
+def check_validation_fits(n_atoms: int, density_g_cm3: float, surrogates: dict, device) -> None:
+    """Refuse, before hours of sampling, cells whose validation would not fit in memory (an
+    M3GNet pass over a 10⁵-atom cell needs ≈44 GB). `surrogates`: {config key: surrogate or
+    None}; the error names the key to change."""
+    from xanesdiff.datasets.errors import XanesdiffInputError
+    from xanesdiff.diffusion.sampling import cubic_cell_for_density
+    from xanesdiff.runtime import device_memory_mb
+
+    memory_mb = device_memory_mb(device)
+    if memory_mb is None:
+        return
+    volume_A3 = abs(float(np.linalg.det(np.asarray(cubic_cell_for_density(n_atoms,
+                                                                          density_g_cm3)))))
+    for key, surrogate in surrogates.items():
+        if surrogate is None:  # no judge
+            continue
+        need_mb = prediction_mb(surrogate, n_atoms, volume_A3)
+        if need_mb > VALIDATION_MEMORY_FRACTION * memory_mb:
+            raise XanesdiffInputError(
+                f"validating a {n_atoms}-atom cell at {density_g_cm3:.2f} g/cm³ with {key}'s "
+                f"M3GNet features needs ≈{need_mb / 1024:.0f} GB, more than "
+                f"{VALIDATION_MEMORY_FRACTION:.0%} of this device's {memory_mb / 1024:.0f} GB: "
+                f"name a histogram surrogate ({key}=fast) or generate fewer atoms", key)
 
 
 def predict_members(surrogate, atoms) -> np.ndarray:

@@ -309,6 +309,12 @@ def build_library(cfg, models: LibraryModels | None = None, progress: bool = Tru
                    load_duplicate_index(store, cfg.dedup))
     for path in {i.target for i in todo if i.target}:
         ctx.target(path)  # unreadable targets fail now, not after hours of work
+    from xanesdiff.guidance.validation import check_validation_fits
+
+    for n_atoms, density in {(i.n_atoms, i.density_g_cm3) for i in todo}:  # so do huge cells
+        check_validation_fits(n_atoms, density, {"models.surrogate": models.surrogate,
+                                                 "models.judge": models.judge},
+                              getattr(models.surrogate, "device", None))
     concerns = {f"{density:g}": text for density in sorted({i.density_g_cm3 for i in mine})
                 if (text := prior_concerns(models.prior, density))}  # logged once per density
     log.info("library %s: shard %d/%d has %d of %d planned items, %d already done",

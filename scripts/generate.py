@@ -69,8 +69,8 @@ def run(cfg: DictConfig) -> dict:
     from xanesdiff.guidance.report import (plot_density_scan, plot_spectra, write_extxyz,
                                            write_json)
     from xanesdiff.guidance.target import load_target
-    from xanesdiff.guidance.validation import (load_potential, relax, spectral_match,
-                                               validate_spectrum)
+    from xanesdiff.guidance.validation import (check_validation_fits, load_potential, relax,
+                                               spectral_match, validate_spectrum)
     from xanesdiff.datasets.spectra_io import write_spectra_csv
 
     if int(cfg.n) < 1:
@@ -110,13 +110,13 @@ def run(cfg: DictConfig) -> dict:
         raise XanesdiffInputError("density is needed when there is no target spectrum to infer "
                                   "it from", "density")
 
-    def check_validation_fits(density):
-        _check_validation_fits(int(cfg.n_atoms) if start is None else len(start[0]), density,
-                               {"models.validator": validator, "models.judge": judge}, device)
+    def check_fits(density):
+        check_validation_fits(int(cfg.n_atoms) if start is None else len(start[0]), density,
+                              {"models.validator": validator, "models.judge": judge}, device)
 
     density_known = density is not None
     if density_known:  # refused before the out dir records this request
-        check_validation_fits(density)
+        check_fits(density)
     check_out_dir(out, request_fingerprint(cfg), bool(cfg.overwrite))
 
     report: dict = {"target": None if target is None else
@@ -144,7 +144,7 @@ def run(cfg: DictConfig) -> dict:
     else:
         report["density"] = {"given_g_cm3": density}
     if not density_known:  # inferred just now
-        check_validation_fits(density)
+        check_fits(density)
     report["prior_fidelity"] = prior_concerns(prior, density if start is None
                                               else density_g_cm3(start[0]))
 
@@ -245,33 +245,6 @@ def _advise_fast_guide(n_atoms: int, guide, device) -> None:
         log.warning("%d atoms with a learned-feature guide on the CPU: ≈1 h per structure for "
                     "10⁴ atoms on 2 cores; models.surrogate=fast sampler=pc_quick took 12 min "
                     "(validation still uses models.validator)", n_atoms)
-
-
-VALIDATION_MEMORY_FRACTION = 0.8
-"""Share of the device's memory one structure's validation (a pass without gradient) may take."""
-
-
-def _check_validation_fits(n_atoms: int, density: float, surrogates: dict, device) -> None:
-    """Refuse, before hours of sampling, cells whose validation would not fit in memory (an
-    M3GNet pass over a 10⁵-atom cell needs ≈44 GB), naming the cheaper choice."""
-    from xanesdiff.diffusion.sampling import cubic_cell_for_density
-    from xanesdiff.guidance.validation import prediction_mb
-    from xanesdiff.runtime import device_memory_mb
-
-    memory_mb = device_memory_mb(device)
-    if memory_mb is None:
-        return
-    volume_A3 = abs(float(np.linalg.det(np.asarray(cubic_cell_for_density(n_atoms, density)))))
-    for key, surrogate in surrogates.items():
-        if surrogate is None:  # no judge shipped
-            continue
-        need_mb = prediction_mb(surrogate, n_atoms, volume_A3)
-        if need_mb > VALIDATION_MEMORY_FRACTION * memory_mb:
-            raise XanesdiffInputError(
-                f"validating a {n_atoms}-atom cell at {density:.2f} g/cm³ with {key}'s M3GNet "
-                f"features needs ≈{need_mb / 1024:.0f} GB, more than {VALIDATION_MEMORY_FRACTION:.0%} "
-                f"of this device's {memory_mb / 1024:.0f} GB: name a histogram surrogate "
-                f"({key}=fast) or generate fewer atoms", key)
 
 
 def _load_validator(validator_path, guide_path, guide):

@@ -361,8 +361,7 @@ def test_a_cell_whose_validation_would_not_fit_is_refused_before_sampling(monkey
     import xanesdiff.runtime as runtime
     from xanesdiff.datasets.errors import XanesdiffInputError
     from xanesdiff.forward.surrogate import load_surrogate
-    from xanesdiff.guidance.validation import prediction_mb
-    from xanesdiff.scripts.generate import _check_validation_fits
+    from xanesdiff.guidance.validation import check_validation_fits, prediction_mb
 
     m3gnet, histograms = load_surrogate("default"), load_surrogate("fast")
     one = prediction_mb(m3gnet, 10_000, 80_000.0)
@@ -373,10 +372,10 @@ def test_a_cell_whose_validation_would_not_fit_is_refused_before_sampling(monkey
 
     monkeypatch.setattr(runtime, "device_memory_mb", lambda device=None: 24_000.0)
     cpu = torch.device("cpu")
-    _check_validation_fits(10_000, 2.5, {"models.validator": m3gnet}, cpu)
-    _check_validation_fits(100_000, 2.5, {"models.validator": histograms, "models.judge": None},
+    check_validation_fits(10_000, 2.5, {"models.validator": m3gnet}, cpu)
+    check_validation_fits(100_000, 2.5, {"models.validator": histograms, "models.judge": None},
                            cpu)
     with pytest.raises(XanesdiffInputError, match=r"models\.judge=fast") as refused:
-        _check_validation_fits(100_000, 2.5, {"models.validator": histograms,
+        check_validation_fits(100_000, 2.5, {"models.validator": histograms,
                                               "models.judge": m3gnet}, cpu)
     assert "100000-atom" in str(refused.value)

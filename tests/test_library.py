@@ -472,6 +472,21 @@ def test_library_names_the_densities_where_the_prior_missed_its_targets(tmp_path
         "prior_fidelity"]) == []
 
 
+def test_library_refuses_cells_whose_validation_would_not_fit_before_generating(
+        tmp_path, target_file, monkeypatch):
+    """As `generate` does: a planned cell whose validation would exceed the device's memory is
+    refused, naming the key to change, before any item is generated."""
+    import xanesdiff.guidance.validation as validation
+    from xanesdiff.datasets.errors import XanesdiffInputError
+
+    monkeypatch.setattr(validation, "prediction_mb",
+                        lambda surrogate, n_atoms, volume_A3: 10.0 * n_atoms)
+    monkeypatch.setattr("xanesdiff.runtime.device_memory_mb", lambda device=None: 1000.0)
+    with pytest.raises(XanesdiffInputError, match=r"models\.surrogate=fast"):
+        build(overrides(tmp_path, target_file, **{"plan.n_seeds": 1, "plan.n_atoms": "[216]"}))
+    assert not any(tmp_path.rglob("*.db")) or rows_by_key(next(tmp_path.rglob("*.db"))) == {}
+
+
 def test_library_models_accept_shipped_surrogate_names():
     from xanesdiff.library.models import load_models
 
