@@ -10,7 +10,9 @@ for a one-element system), ``gc_1``/``gc_2``/``gc_3`` are node features after ea
 (receptive field 5/10/15 Å). ``edge_gc_k`` is the mean over an atom's bonds (within the 5 Å
 graph) of the edge features after block k. Only the blocks the chosen layers need are run, and
 cells too large for the machine's memory recompute block intermediates in the backward pass
-(`RECOMPUTE_MEMORY_FRACTION`), so that guidance on 10⁴ atoms fits in 23 GB.
+(`RECOMPUTE_MEMORY_FRACTION`), so that guidance on 10⁴ atoms fits in 23 GB. Blocks run over
+spans of atoms (`three_body_spans`), so a pass without gradient (validation) needs memory
+linear in the bonds: 8.8 GB for 1.1·10⁵ atoms.
 """
 
 from __future__ import annotations
@@ -31,17 +33,26 @@ DEFAULT_BACKBONE = "models/M3GNet-MP-2021.2.8-PES"
 DEFAULT_LAYERS = ("gc_1", "gc_2", "gc_3")
 GRAPH_MB_PER_ATOM = 2.4
 """Memory autograd keeps for a differentiated pass over the three blocks, MB per atom (1000-atom
-a-C cell at 2.5 g/cm³); with recomputation ≈1.1, but the surrogate's gradient takes ≈1.4× as long."""
-INFERENCE_BYTES_PER_TRIPLE = 420
-"""Peak memory of a pass without gradient (prediction, validation) per bond pair within the
-three-body cutoff, which dominates it, over the loaded model: ≈300 for 3·10⁴ a-C atoms at
-2.5 g/cm³ (≈1090 pairs per atom) with glibc's usual heap, 390 for 10⁴ in the kept heap that
-sampling leaves (`runtime.keep_freed_memory`)."""
+a-C cell at 2.5 g/cm³). With recomputation, span by span, ≈0.2 (0.4 GB over the loaded model for
+1728 atoms, 2.6 GB for 13 824; 10.8 GB and 1.4× the time when whole blocks were recomputed), but
+a 1728-atom gradient takes ≈1.9× as long."""
+INFERENCE_BYTES_PER_BOND = 1300
+"""Peak memory of a pass without gradient (prediction, validation) over the loaded model, per
+bond within the 5 Å cutoff: its blocks run span by span (`three_body_spans`), so what remains
+grows with the bonds. Measured on tiled 2.5 g/cm³ a-C (≈65 bonds per atom): 1350 B at 13 824
+atoms (1.2 GB), 1260 at 46 656, 1220 at 110 592 (8.8 GB, 102 s on 2 threads)."""
 RECOMPUTE_MEMORY_FRACTION = 0.4
 """Recompute when the kept graph would take more than this share of the machine's memory
 (a 10⁴-atom cell on a 23 GB machine does; a 3000-atom cell does not)."""
-TRIPLES_PER_CHUNK = 2**18
-"""Three-body basis computed (and recomputed) in chunks of this many bond pairs."""
+THREE_BODY_PAIRS_PER_SPAN = 2**17
+"""M3GNet's blocks run over spans of atoms holding about this many three-body bond pairs
+(`three_body_spans`; ≈120 a-C atoms at 2.5 g/cm³): a pass without gradient over 13 824 atoms
+took 9.9 s and 1.2 GB over the loaded model with these, 15.6 s and 1.8 GB with spans of 2²¹."""
+MAX_RECOMPUTED_SPANS = 64
+"""A differentiated pass with recomputation uses at most this many (larger) spans: the gradient
+of each span's reads of the node features fills a whole-cell buffer, a cost ∝ atoms × spans. One
+without recomputation, which keeps every span's intermediates anyway, runs as one span: 16 spans
+of 1728 atoms took 15 % longer."""
 
 
 def load_m3gnet(model_dir: str | os.PathLike) -> nn.Module:
@@ -158,8 +169,9 @@ class M3GNetFeaturizer(nn.Module):
             raise XanesdiffInputError(f"atomic numbers {bad} are not covered by {self.model_dir}")
         edge_index, shifts = self.neighbor_graph(pos, cell)
         recompute = torch.is_grad_enabled() and self._recompute(pos.shape[0], pos.device)
-        blocks = backbone_blocks(self.m3gnet, pos, shifts @ cell, edge_index, node_type,
-                                 n_blocks=self._n_blocks_needed, recompute=recompute)
+        blocks = backbone_blocks(
+            self.m3gnet, pos, shifts @ cell, edge_index, node_type, n_blocks=self._n_blocks_needed,
+            recompute=recompute, keep_edge_features=any(n.startswith("edge_") for n in self.layers))
         parts = []
         n_atoms = pos.shape[0]
         for name in self.layers:
@@ -175,9 +187,9 @@ class M3GNetFeaturizer(nn.Module):
 
     def inference_mb(self, n_atoms: int, volume_A3: float) -> float:
         """Peak memory (MB) of a pass without gradient over `n_atoms` atoms spread evenly over
-        `volume_A3` Å³: its three-body pairs grow as the density squared."""
-        neighbours = expected_neighbours(n_atoms, volume_A3, self.m3gnet.threebody_cutoff)
-        return n_atoms * neighbours * max(neighbours - 1.0, 0.0) * INFERENCE_BYTES_PER_TRIPLE / 2**20
+        `volume_A3` Å³: it grows with the bonds, atoms × density."""
+        bonds = n_atoms * expected_neighbours(n_atoms, volume_A3, self.cutoff_A)
+        return bonds * INFERENCE_BYTES_PER_BOND / 2**20
 
     def _recompute(self, n_atoms: int, device=None) -> bool:
         if self.recompute_min_atoms is not None:
@@ -245,53 +257,122 @@ class FeatureCache:
         return feats
 
 
+def three_body_pairs(source: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """M3GNet's three-body line graph: the pairs (2, T) of distinct bonds b ≠ c that share a
+    source atom, both `kept` (within the three-body cutoff). `source` (E,) holds the bonds'
+    source atoms, sorted ascending; entries are positions in it. Row 0 is the bond that receives
+    the message, row 1 the one that supplies the neighbour, ordered as matgl orders them."""
+    bonds = torch.nonzero(kept).squeeze(1)
+    _, group_size = torch.unique_consecutive(source[bonds], return_counts=True)
+    group_start = torch.cumsum(group_size, 0) - group_size
+    partners = torch.repeat_interleave(group_size - 1, group_size)
+    first_of_group = torch.repeat_interleave(group_start, group_size)
+    receiving = torch.repeat_interleave(torch.arange(len(bonds), device=bonds.device), partners)
+    row_start = torch.repeat_interleave(torch.cumsum(partners, 0) - partners, partners)
+    nth_partner = torch.arange(len(receiving), device=bonds.device) - row_start
+    rank = receiving - first_of_group[receiving]  # the receiving bond's place in its group
+    supplying = first_of_group[receiving] + nth_partner + (nth_partner >= rank).long()
+    return torch.stack([bonds[receiving], bonds[supplying]])
+
+
+def three_body_spans(source: torch.Tensor, kept: torch.Tensor, n_atoms: int,
+                     pairs_per_span: int, max_spans: int | None = None,
+                     ) -> list[tuple[int, int, int, int]]:
+    """Split the cell into spans of consecutive atoms, (bond start, bond stop, atom start, atom
+    stop), that hold about `pairs_per_span` three-body pairs each (more where one atom alone has
+    more, or where `max_spans` spans would not hold them all). `source` (E,) holds the bonds'
+    source atoms, sorted ascending, and `kept` marks the bonds within the three-body cutoff. A
+    span's bonds are those its atoms are the source of, so its three-body pairs and the messages
+    its bonds send stay inside it."""
+    kept_per_atom = torch.bincount(source[kept], minlength=n_atoms)
+    cumulative_pairs = torch.cumsum(kept_per_atom * (kept_per_atom - 1), 0)
+    if max_spans is not None and n_atoms:
+        pairs_per_span = max(pairs_per_span, -(-int(cumulative_pairs[-1]) // max_spans))
+    span_of_atom = (cumulative_pairs - 1).clamp(min=0) // max(pairs_per_span, 1)
+    first_atoms = (torch.nonzero(span_of_atom[1:] != span_of_atom[:-1]).squeeze(1) + 1).tolist()
+    atom_bounds = [0, *first_atoms, n_atoms]
+    bond_bounds = torch.searchsorted(source, torch.tensor(atom_bounds, dtype=source.dtype,
+                                                          device=source.device)).tolist()
+    return [(bond_bounds[i], bond_bounds[i + 1], atom_bounds[i], atom_bounds[i + 1])
+            for i in range(len(atom_bounds) - 1)]
+
+
 def backbone_blocks(m3gnet: nn.Module, pos: torch.Tensor, offsets_A: torch.Tensor,
                     edge_index: torch.Tensor, node_type: torch.Tensor, n_blocks: int,
-                    recompute: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                    recompute: bool = False, keep_edge_features: bool = True,
+                    pairs_per_span: int = THREE_BODY_PAIRS_PER_SPAN,
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """M3GNet's forward pass up to graph block `n_blocks` (matgl 4.1's `M3GNet.forward`, without
-    the readout): {"embedding" | "gc_k": (node features (N, 64), edge features (E, 64))}.
+    the readout): {"embedding" | "gc_k": (node features (N, 64), edge features (E, 64))}; the
+    edge features are None, and freed as the pass goes, without `keep_edge_features`.
 
-    `recompute` trades time for memory when the result will be differentiated: each block and
-    each chunk of the three-body basis keeps only its inputs, and its intermediates are rebuilt
-    during the backward pass (so peak memory is one block's, not all of them). The values and
-    gradients are the same either way.
+    Each block runs span by span (`three_body_spans`): a span's bonds get their three-body and
+    edge updates and send their messages to the span's own atoms, so the block's working memory
+    is one span's (≈`pairs_per_span` three-body pairs), not the whole cell's. The bond angles are
+    built once per span and reused by every block, except in passes that must bound their memory
+    (without gradient over several spans, or with `recompute`), which rebuild them per block. A
+    differentiated pass without `recompute` is one span.
+    `recompute` trades time for memory when the result will be differentiated: each span of each
+    block keeps only its inputs, and its intermediates are rebuilt during the backward pass. The
+    values and gradients are the same either way.
     """
-    from matgl.graph._compute import (compute_pair_vector_and_distance, compute_theta_and_phi,
-                                      create_line_graph)
+    from matgl.graph._compute import compute_pair_vector_and_distance, compute_theta_and_phi
     from matgl.utils.cutoff import polynomial_cutoff
 
-    n_atoms, n_bonds = pos.shape[0], edge_index.shape[1]
+    n_atoms, source, target = pos.shape[0], edge_index[0], edge_index[1]
     bond_vec, bond_dist = compute_pair_vector_and_distance(pos, edge_index, offsets_A)
     expanded_dists = m3gnet.bond_expansion(bond_dist)
-    line_graph = create_line_graph(edge_index, bond_dist, bond_vec, offsets_A, n_atoms,
-                                   m3gnet.threebody_cutoff)
-    triples = line_graph["line_edge_index"]
+    three_body_cutoff = polynomial_cutoff(bond_dist, m3gnet.threebody_cutoff)
+    kept = (bond_dist <= m3gnet.threebody_cutoff).detach()
+    differentiated = torch.is_grad_enabled()
+    spans = three_body_spans(source, kept, n_atoms, pairs_per_span, max_spans=(
+        None if not differentiated else MAX_RECOMPUTED_SPANS if recompute else 1))
 
-    def basis(bond_vec, bond_dist, start, stop):
-        angles = compute_theta_and_phi(bond_vec, bond_dist, triples[:, start:stop])
-        return m3gnet.basis_expansion(angles["triple_bond_lengths"], angles["cos_theta"],
-                                      angles["phi"])
+    def angular_basis(span, bond_vec, bond_dist):
+        pairs = three_body_pairs(source[span[0]:span[1]], kept[span[0]:span[1]])
+        angles = compute_theta_and_phi(bond_vec, bond_dist, pairs)
+        return pairs, m3gnet.basis_expansion(angles["triple_bond_lengths"], angles["cos_theta"],
+                                             angles["phi"])
 
-    def block(k, edge_feat, node_feat, three_body_basis, three_body_cutoff, expanded_dists):
-        edge_feat = m3gnet.three_body_interactions[k](
-            edge_index[1], triples, line_graph["n_triple_ij"], n_bonds, three_body_basis,
-            three_body_cutoff, node_feat, edge_feat)
-        edge_feat, node_feat, _ = m3gnet.graph_layers[k](
-            edge_index, edge_feat, node_feat, None, expanded_dists, None, None, n_atoms, 1)
-        return edge_feat, node_feat
+    def block_on_span(k, span, node_feat, neighbour_feat, edge_feat, bond_vec, bond_dist,
+                      cutoff, rbf, built=None):
+        """Graph block k on one span's bonds: their new edge features (the three-body update,
+        then the edge update) and the summed messages its atoms receive (the node update before
+        its sum over the cell). The sums are matgl's (`ThreeBodyInteractions`,
+        `M3GNetGraphConv`) restricted to the span; `neighbour_feat` is the three-body layer's
+        atom update of the whole cell, computed once per block."""
+        bond_start, bond_stop, atom_start, atom_stop = span
+        pairs, basis = built or angular_basis(span, bond_vec, bond_dist)
+        source_atoms, target_atoms = source[bond_start:bond_stop], target[bond_start:bond_stop]
+        three_body_layer, conv = m3gnet.three_body_interactions[k], m3gnet.graph_layers[k].conv
+        terms = basis * neighbour_feat[target_atoms[pairs[1]]] * (
+            cutoff[pairs[0]] * cutoff[pairs[1]]).unsqueeze(1)
+        summed = torch.zeros(bond_stop - bond_start, terms.shape[1], dtype=edge_feat.dtype,
+                             device=edge_feat.device).index_add(0, pairs[0], terms.to(edge_feat.dtype))
+        edge_feat = edge_feat + three_body_layer.update_network_bond(summed)
+        edge_feat = edge_feat + conv.edge_update_(edge_index[:, bond_start:bond_stop], edge_feat,
+                                                  node_feat, rbf, None)
+        inputs = torch.hstack([node_feat[source_atoms], node_feat[target_atoms], edge_feat])
+        messages = conv.node_update_func(inputs) * conv.node_weight_func(rbf)
+        received = torch.zeros(atom_stop - atom_start, messages.shape[1], dtype=messages.dtype,
+                               device=messages.device)
+        return edge_feat, received.index_add(0, source_atoms - atom_start, messages)
 
     weights = tuple(m3gnet.parameters())
     run = ((lambda fn, *args: recomputed(fn, *args, params=weights)) if recompute
            else (lambda fn, *args: fn(*args)))
-    n_triples = triples.shape[1]
-    chunks = [run(basis, bond_vec, bond_dist, start, min(start + TRIPLES_PER_CHUNK, n_triples))
-              for start in range(0, max(n_triples, 1), TRIPLES_PER_CHUNK)]
-    three_body_basis = torch.cat(chunks) if len(chunks) != 1 else chunks[0]
-    three_body_cutoff = polynomial_cutoff(bond_dist, m3gnet.threebody_cutoff)
+    bounded = recompute or (len(spans) > 1 and not differentiated)
+    built = ([None] * len(spans) if bounded
+             else [angular_basis(span, bond_vec[span[0]:span[1]], bond_dist[span[0]:span[1]])
+                   for span in spans])
     node_feat, edge_feat, _ = m3gnet.embedding(node_type, expanded_dists, None)
-    out = {"embedding": (node_feat, edge_feat)}
+    out = {"embedding": (node_feat, edge_feat if keep_edge_features else None)}
     for k in range(n_blocks):
-        edge_feat, node_feat = run(block, k, edge_feat, node_feat, three_body_basis,
-                                   three_body_cutoff, expanded_dists)
-        out[f"gc_{k + 1}"] = (node_feat, edge_feat)
+        neighbour_feat = m3gnet.three_body_interactions[k].update_network_atom(node_feat)
+        edge_parts, node_parts = zip(*[
+            run(block_on_span, k, span, node_feat, neighbour_feat, *(bond_data[a:b] for bond_data in (
+                edge_feat, bond_vec, bond_dist, three_body_cutoff, expanded_dists)), basis)
+            for span, basis in zip(spans, built) for a, b in [span[:2]]])
+        edge_feat, node_feat = torch.cat(edge_parts), node_feat + torch.cat(node_parts)
+        out[f"gc_{k + 1}"] = (node_feat, edge_feat if keep_edge_features else None)
     return out

@@ -34,8 +34,8 @@ VALIDATION_MEMORY_FRACTION = 0.8
 
 def check_validation_fits(n_atoms: int, density_g_cm3: float, surrogates: dict, device) -> None:
     """Refuse, before hours of sampling, cells whose validation would not fit in memory (an
-    M3GNet pass over a 10⁵-atom cell needs ≈44 GB). `surrogates`: {config key: surrogate or
-    None}; the error names the key to change."""
+    M3GNet pass over 10⁶ a-C atoms at 2.5 g/cm³ needs ≈80 GB). `surrogates`: {config key:
+    surrogate or None}; the error names the key to change."""
     from xanesdiff.datasets.errors import XanesdiffInputError
     from xanesdiff.diffusion.sampling import cubic_cell_for_density
     from xanesdiff.runtime import device_memory_mb

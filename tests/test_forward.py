@@ -299,3 +299,81 @@ def copy_of_m3gnet_part(surrogate):
 
     (part,) = [p for p in surrogate.featurizer.parts if type(p).__name__ == "M3GNetFeaturizer"]
     return copy.deepcopy(part)
+
+
+def _bonds(featurizer, atoms):
+    pos, cell, numbers = _tensors(atoms)
+    edge_index, shifts = featurizer.neighbor_graph(pos, cell)
+    distance = (pos[edge_index[1]] + shifts @ cell - pos[edge_index[0]]).norm(dim=1)
+    return pos, cell, numbers, edge_index, shifts, distance
+
+
+def test_three_body_pairs_are_matgls_line_graph(surrogate, frame):
+    """Our vectorised pair enumeration lists exactly matgl's three-body pairs, in its order,
+    including where bonds beyond the three-body cutoff sit between kept ones."""
+    from matgl.graph._compute import create_line_graph
+
+    from xanesdiff.forward.m3gnet_features import three_body_pairs
+
+    featurizer = copy_of_m3gnet_part(surrogate)
+    pos, cell, _, edge_index, shifts, distance = _bonds(featurizer, frame.atoms)
+    for cutoff in (featurizer.m3gnet.threebody_cutoff, 2.0):
+        kept = distance <= cutoff
+        assert 0 < kept.sum() < len(kept)
+        theirs = create_line_graph(edge_index, distance, None, None, len(pos), cutoff)
+        ours = three_body_pairs(edge_index[0], kept)
+        assert ours.shape[1] > 0
+        assert torch.equal(ours, theirs["line_edge_index"].long())
+
+
+def test_spans_cover_the_cell_once_and_hold_their_pairs(surrogate, frame):
+    """Spans are consecutive atom ranges with the bonds those atoms source, together covering
+    every atom and bond once; each holds about the asked number of three-body pairs."""
+    from xanesdiff.forward.m3gnet_features import three_body_spans
+
+    featurizer = copy_of_m3gnet_part(surrogate)
+    pos, _, _, edge_index, _, distance = _bonds(featurizer, frame.atoms)
+    source, kept = edge_index[0], distance <= featurizer.m3gnet.threebody_cutoff
+    per_atom = torch.bincount(source[kept], minlength=len(pos))
+    pairs = per_atom * (per_atom - 1)
+    budget = 5000
+    spans = three_body_spans(source, kept, len(pos), budget)
+    assert len(spans) == pytest.approx(int(pairs.sum()) / budget, abs=2)
+    assert spans[0][0] == spans[0][2] == 0
+    assert (spans[-1][1], spans[-1][3]) == (edge_index.shape[1], len(pos))
+    for (_, bond_stop, _, atom_stop), (bond_start, _, atom_start, _) in zip(spans, spans[1:]):
+        assert (bond_stop, atom_stop) == (bond_start, atom_start)
+    for bond_start, bond_stop, atom_start, atom_stop in spans:
+        assert ((source[bond_start:bond_stop] >= atom_start)
+                & (source[bond_start:bond_stop] < atom_stop)).all()
+        assert int(pairs[atom_start:atom_stop].sum()) <= budget + int(pairs.max())
+    assert len(three_body_spans(source, kept, len(pos), budget, max_spans=4)) <= 4
+    assert len(three_body_spans(source, kept, len(pos), budget, max_spans=1)) == 1
+
+
+def test_backbone_in_spans_gives_the_same_features_and_gradients(surrogate, frame):
+    """Running M3GNet's blocks span by span (validation's bounded-memory pass; recomputed
+    spans under a gradient) changes neither the features nor their gradient in positions."""
+    from xanesdiff.forward.m3gnet_features import backbone_blocks
+
+    featurizer = copy_of_m3gnet_part(surrogate)
+    pos, cell, numbers, edge_index, shifts, _ = _bonds(featurizer, frame.atoms)
+    node_type = featurizer._type_of_z[numbers]
+
+    def blocks(x, **options):
+        return backbone_blocks(featurizer.m3gnet, x, shifts @ cell, edge_index, node_type,
+                               n_blocks=3, **options)
+
+    with torch.no_grad():
+        whole, spans = blocks(pos), blocks(pos, pairs_per_span=3000)
+    for name in ("gc_1", "gc_2", "gc_3"):
+        for ours, reference in zip(spans[name], whole[name]):
+            torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-5)
+    weights = torch.randn(216, 64, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for options in ({}, {"recompute": True, "pairs_per_span": 3000}):
+        x = pos.clone().requires_grad_(True)
+        loss = (blocks(x, **options)["gc_3"][0] * weights).sum()
+        grads.append(torch.autograd.grad(loss, x)[0])
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
