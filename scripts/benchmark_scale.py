@@ -10,6 +10,7 @@ slope of log(time) against log(atoms). `--large N` also samples one N-atom cell 
 sampler (prior only) and compares its structure with 216-atom samples; `--large-guided` adds one
 guided N-atom sample with the `generate` defaults and the `--surrogate` guide (in its own
 process; `--atoms` with no values keeps the curve already in --out and only adds large cells).
+`--validation N…` times validating N-atom cells (default surrogate and judge, no gradient).
 `--prior` (default | fast | a checkpoint) is the prior of every measurement. `--device cuda`
 measures on a GPU (times synchronised with it, peak memory the GPU's); write such a run to its
 own file (`--out benchmarks/scale_gpu.json`).
@@ -192,6 +193,31 @@ def large_guided(n_atoms: int, n_small: int, guide: str = "default",
                               f"{cfg.guided_score.refresh_every}), density given"}
 
 
+def validation_point(n_atoms: int, device: torch.device = torch.device("cpu")) -> dict:
+    """Time (s) and peak memory (MB) of validating one `n_atoms` cell (random positions at
+    2.5 g/cm³) as `generate` does: the default surrogate, then the judge, without gradient.
+    Peaks are the process's (loaded models included), with validation's own estimate beside."""
+    from ase import Atoms
+
+    from xanesdiff.diffusion.sampling import cubic_cell_for_density
+    from xanesdiff.forward.surrogate import load_surrogate
+    from xanesdiff.guidance.validation import prediction_mb, validate_spectrum
+
+    cell = np.asarray(cubic_cell_for_density(n_atoms, DENSITY))
+    positions = np.random.default_rng(0).random((n_atoms, 3)) @ cell
+    atoms = Atoms(numbers=np.full(n_atoms, 6), positions=positions, cell=cell, pbc=True)
+    result = {"atoms": n_atoms}
+    for name in ("default", "judge"):
+        surrogate = load_surrogate(name, device=device)
+        result[f"{name}_loaded_mb"] = peak_mb(device)
+        start = clock(device)
+        validate_spectrum(atoms, None, surrogate)
+        result[f"{name}_s"] = clock(device) - start
+        result[f"{name}_peak_mb"] = peak_mb(device)
+        result[f"{name}_estimate_mb"] = prediction_mb(surrogate, n_atoms, atoms.get_volume())
+    return result
+
+
 def sample_calls() -> tuple[int, int]:
     """(score calls, guidance refreshes) of one `generate` sample with the shipped settings,
     counted by running its sampler on a two-atom dummy with a zero score: a call refreshes the
@@ -295,11 +321,14 @@ def main(argv=None) -> None:
                         help="prior of every measurement: default | fast | a checkpoint")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="generate overrides of the --large-guided sample, e.g. sampler=pc_quick")
+    parser.add_argument("--validation", type=int, nargs="+", default=[], metavar="ATOMS",
+                        help="also time validating cells of these sizes (each in its own process)")
     parser.add_argument("--small-samples", type=int, default=4,
                         help="216-atom cells the large cells are compared with")
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--guided", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--guided-cell", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--validate-cell", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu",
                         help="cpu (default), cuda, cuda:N or auto (the GPU when there is one)")
     parser.add_argument("--out", default="benchmarks/scale.json")
@@ -309,6 +338,9 @@ def main(argv=None) -> None:
     if args.point:
         print(json.dumps(measure_point(args.point, args.guided, args.repeats, args.prior,
                                        device, args.guides, args.recompute)))
+        return
+    if args.validate_cell:
+        print(json.dumps(validation_point(args.validate_cell, device)))
         return
     if args.guided_cell:
         print(json.dumps(large_guided(args.guided_cell, n_small=args.small_samples,
@@ -346,6 +378,15 @@ def main(argv=None) -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         result.setdefault("large_cell", {}).update(json.loads(out.strip().splitlines()[-1]))
         result["large_cell"].pop("note", None)
+    for n in args.validation:
+        cmd = [sys.executable, "-m", "xanesdiff.scripts.benchmark_scale", "--validate-cell",
+               str(n), "--threads", str(args.threads), "--device", args.device]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        measured = json.loads(out.strip().splitlines()[-1])
+        result["validation"] = sorted(
+            [p for p in result.get("validation", []) if p["atoms"] != n] + [measured],
+            key=lambda p: p["atoms"])
+        print(measured, flush=True)
     write_json(args.out, result)
     print(json.dumps(result, indent=1))
 

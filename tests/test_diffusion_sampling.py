@@ -585,3 +585,16 @@ def test_scale_benchmark_without_atom_counts_needs_an_earlier_curve(tmp_path, ca
     assert exit_info.value.code == 2
     assert str(missing) in capsys.readouterr().err
     assert not missing.exists()
+
+
+def test_scale_benchmark_validation_point_times_both_validators():
+    """`benchmark_scale --validation N` times the default surrogate's and the judge's pass over
+    an N-atom cell and records each peak beside validation's own memory estimate."""
+    from xanesdiff.scripts.benchmark_scale import validation_point
+
+    result = validation_point(300)
+    assert result["atoms"] == 300
+    for name in ("default", "judge"):
+        assert result[f"{name}_s"] > 0
+        assert result[f"{name}_peak_mb"] >= result[f"{name}_loaded_mb"] > 0
+        assert 0 < result[f"{name}_estimate_mb"] < 100  # ≈20 MB of bonds at 300 atoms
