@@ -36,11 +36,13 @@ GRAPH_MB_PER_ATOM = 2.4
 a-C cell at 2.5 g/cm³). With recomputation, span by span, ≈0.2 (0.4 GB over the loaded model for
 1728 atoms, 2.6 GB for 13 824; 10.8 GB and 1.4× the time when whole blocks were recomputed), but
 a 1728-atom gradient takes ≈1.9× as long."""
-INFERENCE_BYTES_PER_BOND = 1300
-"""Peak memory of a pass without gradient (prediction, validation) over the loaded model, per
-bond within the 5 Å cutoff: its blocks run span by span (`three_body_spans`), so what remains
-grows with the bonds. Measured on tiled 2.5 g/cm³ a-C (≈65 bonds per atom): 1350 B at 13 824
-atoms (1.2 GB), 1260 at 46 656, 1220 at 110 592 (8.8 GB, 102 s on 2 threads)."""
+INFERENCE_BYTES_PER_BOND = 1600
+"""Peak memory of validating a cell (a surrogate's pass without gradient: these features, any
+histograms beside them, the heads) over the loaded models, per bond within the 5 Å cutoff. The
+blocks run span by span (`three_body_spans`), so it grows with the bonds. Measured for the
+default surrogate on random positions at 2.5 g/cm³ (≈65 bonds per atom): 1430 B at 10⁴ atoms,
+1555 at 3·10⁴, 1530 at 10⁵ (9.5 GB, 110 s on 2 threads); these features alone on tiled a-C
+took 1220 at 1.1·10⁵ atoms."""
 RECOMPUTE_MEMORY_FRACTION = 0.4
 """Recompute when the kept graph would take more than this share of the machine's memory
 (a 10⁴-atom cell on a 23 GB machine does; a 3000-atom cell does not)."""
