@@ -170,7 +170,7 @@ class M3GNetFeaturizer(nn.Module):
             bad = sorted(set(numbers[node_type < 0].tolist()))
             raise XanesdiffInputError(f"atomic numbers {bad} are not covered by {self.model_dir}")
         edge_index, shifts = self.neighbor_graph(pos, cell)
-        recompute = torch.is_grad_enabled() and self._recompute(pos.shape[0], pos.device)
+        recompute = torch.is_grad_enabled() and self.recomputes(pos.shape[0], pos.device)
         blocks = backbone_blocks(
             self.m3gnet, pos, shifts @ cell, edge_index, node_type, n_blocks=self._n_blocks_needed,
             recompute=recompute, keep_edge_features=any(n.startswith("edge_") for n in self.layers))
@@ -193,7 +193,9 @@ class M3GNetFeaturizer(nn.Module):
         bonds = n_atoms * expected_neighbours(n_atoms, volume_A3, self.cutoff_A)
         return bonds * INFERENCE_BYTES_PER_BOND / 2**20
 
-    def _recompute(self, n_atoms: int, device=None) -> bool:
+    def recomputes(self, n_atoms: int, device=None) -> bool:
+        """Whether a differentiated pass over `n_atoms` atoms recomputes its spans in the
+        backward pass (`recompute_min_atoms`, else when the kept graph would crowd memory)."""
         if self.recompute_min_atoms is not None:
             return n_atoms >= self.recompute_min_atoms
         total_mb = device_memory_mb(device)  # the GPU's own memory when it runs on one

@@ -26,11 +26,14 @@ from xanesdiff.guidance.guided_score import GuidedScore
 from xanesdiff.guidance.validation import predict_members, spectral_match
 from xanesdiff.runtime import fit_kept_memory
 
-SURROGATE_STEP_MB_PER_ATOM = {"descriptor": 0.05, "learned": 0.9}
+SURROGATE_STEP_MB_PER_ATOM = {"descriptor": 0.05, "learned": 0.9, "learned_recomputed": 0.3}
 """The guidance surrogate's share of a guided step's working set (forward and backward), MB per
 atom, without kept freed memory: histograms alone (`fast`, summed in recomputed blocks; peak
-over the loaded process 0.046 at 3000 atoms, 0.039 at 10⁴, 0.019 at 10⁵; benchmarks/scale.json)
-or with learned (M3GNet, GNN) features (3000 atoms). The prior's share is its own `kept_mb`."""
+over the loaded process 0.046 at 3000 atoms, 0.039 at 10⁴, 0.019 at 10⁵; benchmarks/scale.json),
+with learned (M3GNet, GNN) features (3000 atoms), or with M3GNet features recomputed span by
+span in the backward pass (cells too large to keep their graph: a 10⁴-atom default-guided step
+peaked at 5.8 GB with the kept heap this allows, 40 s, against 53 s with large blocks mapped
+afresh when 0.9 was counted). The prior's share is its own `kept_mb`."""
 
 
 def descriptor_only(surrogate) -> bool:
@@ -39,13 +42,24 @@ def descriptor_only(surrogate) -> bool:
     return {part.get("type") for part in featurizer.get("parts", [featurizer])} == {"descriptor"}
 
 
+def features_recomputed(surrogate, n_atoms: int, device=None) -> bool:
+    """True when the surrogate's features recompute their intermediates in the backward pass
+    over `n_atoms` atoms (M3GNet on cells too large to keep its graph)."""
+    featurizer = getattr(surrogate, "featurizer", None)
+    return any(part.recomputes(n_atoms, device) for part in getattr(featurizer, "parts", [featurizer])
+               if hasattr(part, "recomputes"))
+
+
 def guided_step_mb(surrogate, score_model, n_atoms: int, cell_A, device=None) -> float:
     """The working set of one guided step (MB): the surrogate's share plus what the prior keeps
     for its backward pass over the edges expected in this cell (uniform density)."""
     cell = torch.as_tensor(cell_A, dtype=torch.float64).detach().cpu().reshape(3, 3)
     volume_A3 = abs(float(torch.linalg.det(cell)))
     neighbours = expected_neighbours(n_atoms, volume_A3, score_model.cutoff_A)
-    share = SURROGATE_STEP_MB_PER_ATOM["descriptor" if descriptor_only(surrogate) else "learned"]
+    share = SURROGATE_STEP_MB_PER_ATOM[
+        "descriptor" if descriptor_only(surrogate)
+        else "learned_recomputed" if features_recomputed(surrogate, n_atoms, device)
+        else "learned"]
     return n_atoms * share + score_model.kept_mb(int(n_atoms * neighbours), device)
 
 

@@ -291,7 +291,7 @@ def test_backbone_pass_matches_matgl_and_recompute_saves_memory(surrogate, frame
     assert saved[1] < 0.5 * saved[10**9], saved
     # by default the machine's memory decides: never for a small cell, always for a huge one
     featurizer.recompute_min_atoms = None
-    assert not featurizer._recompute(216) and featurizer._recompute(10**7)
+    assert not featurizer.recomputes(216) and featurizer.recomputes(10**7)
 
 
 def copy_of_m3gnet_part(surrogate):

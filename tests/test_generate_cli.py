@@ -125,8 +125,9 @@ def test_shipped_surrogates_load_by_name():
 
 def test_guided_memory_estimate_follows_the_guide_and_the_priors_recomputation():
     """Histogram-only guides get the small working-set estimate; anything with learned
-    (M3GNet, GNN) features, alone or next to histograms, the large one. The prior's share is
-    what it keeps for its backward pass: far less in a cell where it recomputes its messages."""
+    (M3GNet, GNN) features, alone or next to histograms, the large one, unless those recompute
+    their backward pass. The prior's share is what it keeps for its backward pass: far less in
+    a cell where it recomputes its messages."""
     from types import SimpleNamespace
 
     from xanesdiff.diffusion.score_model import EquivariantScoreModel
@@ -146,6 +147,12 @@ def test_guided_memory_estimate_follows_the_guide_and_the_priors_recomputation()
         assert descriptor_only(guide) is expected, name
         estimates[name] = guided_step_mb(guide, prior, 1000, cell)
     assert estimates["descriptor"] < min(estimates["m3gnet"], estimates["concat"], estimates["gnn"])
+    # M3GNet features recomputed span by span (large cells) keep far less than their graph
+    recomputing = SimpleNamespace(config={"featurizer": {"type": "m3gnet"}},
+                                  featurizer=SimpleNamespace(recomputes=lambda n, device: n > 500))
+    assert guided_step_mb(recomputing, prior, 1000, cell) < estimates["m3gnet"] - 400
+    assert guided_step_mb(recomputing, prior, 400, cell) == guided_step_mb(
+        SimpleNamespace(config={"featurizer": {"type": "m3gnet"}}), prior, 400, cell)
     # ≈22 neighbours within 3.5 Å at 2.5 g/cm³: the prior keeps ≈0.4 MB per atom unless it recomputes
     fast = SimpleNamespace(config={"featurizer": hist})
     plain = guided_step_mb(fast, prior, 1000, cell)
