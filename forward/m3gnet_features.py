@@ -75,6 +75,10 @@ def load_m3gnet(model_dir: str | os.PathLike) -> nn.Module:
     if getattr(model, "include_state", False):
         raise XanesdiffInputError("M3GNet models with a global state input are not supported",
                                   str(model_dir))
+    if any(getattr(block, "dropout", None) is not None for block in model.graph_layers):
+        raise XanesdiffInputError("M3GNet models with dropout in their graph blocks are not "
+                                  "supported (backbone_blocks runs the blocks' updates itself)",
+                                  str(model_dir))
     return model
 
 
@@ -352,7 +356,8 @@ def backbone_blocks(m3gnet: nn.Module, pos: torch.Tensor, offsets_A: torch.Tenso
         terms = basis * neighbour_feat[target_atoms[pairs[1]]] * (
             cutoff[pairs[0]] * cutoff[pairs[1]]).unsqueeze(1)
         summed = torch.zeros(bond_stop - bond_start, terms.shape[1], dtype=edge_feat.dtype,
-                             device=edge_feat.device).index_add(0, pairs[0], terms.to(edge_feat.dtype))
+                             device=edge_feat.device)
+        summed = summed.index_add(0, pairs[0], terms.to(edge_feat.dtype))
         edge_feat = edge_feat + three_body_layer.update_network_bond(summed)
         edge_feat = edge_feat + conv.edge_update_(edge_index[:, bond_start:bond_stop], edge_feat,
                                                   node_feat, rbf, None)
