@@ -377,3 +377,27 @@ def test_backbone_in_spans_gives_the_same_features_and_gradients(surrogate, fram
         grads.append(torch.autograd.grad(loss, x)[0])
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+
+
+def test_edge_layers_are_matgls_edge_features_averaged_per_atom(surrogate, frame):
+    """`edge_gc_k` layers (kept edge features, concatenated over spans) are the mean over each
+    atom's bonds of matgl's own edge features after block k."""
+    from types import SimpleNamespace
+
+    from xanesdiff.forward.m3gnet_features import M3GNetFeaturizer
+
+    featurizer = M3GNetFeaturizer(copy_of_m3gnet_part(surrogate).model_dir,
+                                  layers=("gc_1", "edge_gc_2"))
+    pos, cell, numbers = _tensors(frame.atoms)
+    edge_index, shifts = featurizer.neighbor_graph(pos, cell)
+    graph = SimpleNamespace(node_type=featurizer._type_of_z[numbers], pos=pos,
+                            edge_index=edge_index, pbc_offshift=shifts @ cell, batch=None,
+                            num_graphs=1)
+    with torch.no_grad():
+        featurizer.m3gnet(g=graph)
+        edges = featurizer.m3gnet.feature_dict["gc_2"]["edge_feat"]
+        counts = torch.bincount(edge_index[0], minlength=216).unsqueeze(1)
+        expected = torch.cat([
+            featurizer.m3gnet.feature_dict["gc_1"]["node_feat"],
+            torch.zeros(216, edges.shape[1]).index_add(0, edge_index[0], edges) / counts], dim=1)
+        torch.testing.assert_close(featurizer(pos, cell, numbers), expected, atol=1e-5, rtol=1e-5)
