@@ -3,7 +3,8 @@
 #   1. the tests that run only where torch sees a GPU (device placement; CPU and GPU give the
 #      same structures for a seed; the shipped models guide the same on both),
 #   2. the scaling benchmark on the GPU, 10^3 … 10^5 atoms (prior step, guided step to 10^4,
-#      one 10^5-atom prior sample compared with 216-atom cells) → $OUT/scale_gpu.json;
+#      one 10^5-atom prior sample compared with 216-atom cells, validation of 10^4 and 10^5
+#      atoms) → $OUT/scale_gpu.json;
 #   with STAGE=guided instead, one guided 10^5-atom sample (`fast` guide, sampler=pc_quick)
 #   compared with guided 216-atom cells → $OUT/scale_gpu_guided.json.
 # Needs torch (with CUDA) importable by $PYTHON (default python3); the other dependencies either
@@ -47,4 +48,5 @@ fi
 "$PYTHON" -m pytest -q -p no:cacheprovider -k "gpu" tests/test_devices.py \
     tests/test_generate_cli.py 2>&1 | tee "$OUT/tests.log"
 "$PYTHON" -m xanesdiff.scripts.benchmark_scale --device cuda --atoms 1000 10000 100000 \
-    --guided-max 10000 --large 100000 --out "$OUT/scale_gpu.json" 2>&1 | tee "$OUT/scale.log"
+    --guided-max 10000 --large 100000 --validation 10000 100000 --out "$OUT/scale_gpu.json" \
+    2>&1 | tee "$OUT/scale.log"
