@@ -50,11 +50,17 @@ THREE_BODY_PAIRS_PER_SPAN = 2**17
 """M3GNet's blocks run over spans of atoms holding about this many three-body bond pairs
 (`three_body_spans`; ≈120 a-C atoms at 2.5 g/cm³): a pass without gradient over 13 824 atoms
 took 9.9 s and 1.2 GB over the loaded model with these, 15.6 s and 1.8 GB with spans of 2²¹."""
+RECOMPUTED_PAIRS_PER_SPAN = 2**19
+"""Spans of a differentiated pass with recomputation hold at least this many pairs, and there
+are at most `MAX_RECOMPUTED_SPANS` of them: the gradient of each span's reads of the node
+features fills a whole-cell buffer, a cost ∝ atoms × spans. A 5832-atom gradient took 15.4 s
+(2.1 GB peak) in these 12 spans, 17.3–18.4 s (1.8 GB) in 49 of 2¹⁷ pairs, 16.2 s (5.7 GB) in 2,
+and 8.3–10 s (17.8 GB) without recomputation; 13 824 atoms 38.9 s (3.1 GB) in 29 spans, 40.7 s
+(2.8 GB) in 64. One without recomputation, which keeps every span's intermediates anyway,
+runs as one span: 16 spans of 1728 atoms took 15 % longer."""
 MAX_RECOMPUTED_SPANS = 64
-"""A differentiated pass with recomputation uses at most this many (larger) spans: the gradient
-of each span's reads of the node features fills a whole-cell buffer, a cost ∝ atoms × spans. One
-without recomputation, which keeps every span's intermediates anyway, runs as one span: 16 spans
-of 1728 atoms took 15 % longer."""
+"""At most this many spans in a differentiated pass with recomputation (larger cells get larger
+spans; see `RECOMPUTED_PAIRS_PER_SPAN`)."""
 
 
 def load_m3gnet(model_dir: str | os.PathLike) -> nn.Module:
@@ -308,7 +314,7 @@ def three_body_spans(source: torch.Tensor, kept: torch.Tensor, n_atoms: int,
 def backbone_blocks(m3gnet: nn.Module, pos: torch.Tensor, offsets_A: torch.Tensor,
                     edge_index: torch.Tensor, node_type: torch.Tensor, n_blocks: int,
                     recompute: bool = False, keep_edge_features: bool = True,
-                    pairs_per_span: int = THREE_BODY_PAIRS_PER_SPAN,
+                    pairs_per_span: int | None = None,
                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """M3GNet's forward pass up to graph block `n_blocks` (matgl 4.1's `M3GNet.forward`, without
     the readout): {"embedding" | "gc_k": (node features (N, 64), edge features (E, 64))}; the
@@ -316,7 +322,8 @@ def backbone_blocks(m3gnet: nn.Module, pos: torch.Tensor, offsets_A: torch.Tenso
 
     Each block runs span by span (`three_body_spans`): a span's bonds get their three-body and
     edge updates and send their messages to the span's own atoms, so the block's working memory
-    is one span's (≈`pairs_per_span` three-body pairs), not the whole cell's. The bond angles are
+    is one span's (≈`pairs_per_span` three-body pairs; by default `THREE_BODY_PAIRS_PER_SPAN`,
+    or `RECOMPUTED_PAIRS_PER_SPAN` with `recompute`), not the whole cell's. The bond angles are
     built once per span and reused by every block, except in passes that must bound their memory
     (without gradient over several spans, or with `recompute`), which rebuild them per block. A
     differentiated pass without `recompute` is one span.
@@ -333,6 +340,8 @@ def backbone_blocks(m3gnet: nn.Module, pos: torch.Tensor, offsets_A: torch.Tenso
     three_body_cutoff = polynomial_cutoff(bond_dist, m3gnet.threebody_cutoff)
     kept = (bond_dist <= m3gnet.threebody_cutoff).detach()
     differentiated = torch.is_grad_enabled()
+    if pairs_per_span is None:
+        pairs_per_span = RECOMPUTED_PAIRS_PER_SPAN if recompute else THREE_BODY_PAIRS_PER_SPAN
     spans = three_body_spans(source, kept, n_atoms, pairs_per_span, max_spans=(
         None if not differentiated else MAX_RECOMPUTED_SPANS if recompute else 1))
 
