@@ -166,8 +166,9 @@ class M3GNetFeaturizer(nn.Module):
         """Edges within the backbone cutoff for the current (detached) geometry.
 
         Returns edge_index (2,E) sorted by source atom and integer image shifts (E,3)."""
-        i, j, shifts, _ = periodic_neighbor_list(
-            pos.detach().cpu().double().numpy(), cell.detach().cpu().double().numpy(), self.cutoff_A)
+        i, j, shifts, _ = periodic_neighbor_list(pos.detach().cpu().double().numpy(),
+                                                 cell.detach().cpu().double().numpy(),
+                                                 self.cutoff_A)
         edge_index = torch.from_numpy(np.stack([i, j])).to(pos.device)
         return edge_index, torch.from_numpy(shifts).to(device=pos.device, dtype=pos.dtype)
 
@@ -380,17 +381,22 @@ def backbone_blocks(m3gnet: nn.Module, pos: torch.Tensor, offsets_A: torch.Tenso
     run = ((lambda fn, *args: recomputed(fn, *args, params=weights)) if recompute
            else (lambda fn, *args: fn(*args)))
     bounded = recompute or (len(spans) > 1 and not differentiated)
+    bonds_of = [slice(span[0], span[1]) for span in spans]
     built = ([None] * len(spans) if bounded
-             else [angular_basis(span, bond_vec[span[0]:span[1]], bond_dist[span[0]:span[1]])
-                   for span in spans])
+             else [angular_basis(span, bond_vec[bonds], bond_dist[bonds])
+                   for span, bonds in zip(spans, bonds_of)])
     node_feat, edge_feat, _ = m3gnet.embedding(node_type, expanded_dists, None)
     out = {"embedding": (node_feat, edge_feat if keep_edge_features else None)}
     for k in range(n_blocks):
         neighbour_feat = m3gnet.three_body_interactions[k].update_network_atom(node_feat)
-        edge_parts, node_parts = zip(*[
-            run(block_on_span, k, span, node_feat, neighbour_feat, *(bond_data[a:b] for bond_data in (
-                edge_feat, bond_vec, bond_dist, three_body_cutoff, expanded_dists)), basis)
-            for span, basis in zip(spans, built) for a, b in [span[:2]]])
+        edge_parts, node_parts = [], []
+        for span, bonds, basis in zip(spans, bonds_of, built):
+            new_edges, received = run(
+                block_on_span, k, span, node_feat, neighbour_feat, edge_feat[bonds],
+                bond_vec[bonds], bond_dist[bonds], three_body_cutoff[bonds], expanded_dists[bonds],
+                basis)
+            edge_parts.append(new_edges)
+            node_parts.append(received)
         edge_feat, node_feat = torch.cat(edge_parts), node_feat + torch.cat(node_parts)
         out[f"gc_{k + 1}"] = (node_feat, edge_feat if keep_edge_features else None)
     return out

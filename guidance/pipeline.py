@@ -46,8 +46,8 @@ def features_recomputed(surrogate, n_atoms: int, device=None) -> bool:
     """True when the surrogate's features recompute their intermediates in the backward pass
     over `n_atoms` atoms (M3GNet on cells too large to keep its graph)."""
     featurizer = getattr(surrogate, "featurizer", None)
-    return any(part.recomputes(n_atoms, device) for part in getattr(featurizer, "parts", [featurizer])
-               if hasattr(part, "recomputes"))
+    parts = getattr(featurizer, "parts", [featurizer])
+    return any(part.recomputes(n_atoms, device) for part in parts if hasattr(part, "recomputes"))
 
 
 def guided_step_mb(surrogate, score_model, n_atoms: int, cell_A, device=None) -> float:

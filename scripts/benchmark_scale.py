@@ -257,17 +257,23 @@ def add_sample_estimates(points: list[dict]) -> None:
             p["sample_s_note"] += f", {guided_calls} of them guided when guided"
 
 
+def child_result(*options: str) -> dict:
+    """Run this benchmark with `options` in a child process (so its peak memory is its own) and
+    return the JSON object it prints last."""
+    cmd = [sys.executable, "-m", "xanesdiff.scripts.benchmark_scale", *options]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def run_points(args) -> list[dict]:
     """Each atom count in its own process, so its peak memory is its own."""
     points = []
     for n in args.atoms:
-        cmd = [sys.executable, "-m", "xanesdiff.scripts.benchmark_scale", "--point", str(n),
-               "--repeats", str(args.repeats), "--threads", str(args.threads),
-               "--prior", args.prior, "--device", args.device]
+        options = ["--point", str(n), "--repeats", str(args.repeats), "--threads",
+                   str(args.threads), "--prior", args.prior, "--device", args.device]
         if n <= args.guided_max:
-            cmd += ["--guided", "--guides", *args.guides, "--recompute", args.recompute]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        points.append(json.loads(out.strip().splitlines()[-1]))
+            options += ["--guided", "--guides", *args.guides, "--recompute", args.recompute]
+        points.append(child_result(*options))
         print(points[-1], flush=True)
     add_sample_estimates(points)
     return points
@@ -371,18 +377,14 @@ def main(argv=None) -> None:
         if big and "guided_sample_s" in big[0]:
             result["large_cell"]["guided_s_estimate"] = big[0]["guided_sample_s"]
     if args.large and args.large_guided:
-        cmd = [sys.executable, "-m", "xanesdiff.scripts.benchmark_scale", "--guided-cell",
-               str(args.large), "--threads", str(args.threads), "--surrogate", args.surrogate,
-               "--prior", args.prior, "--small-samples", str(args.small_samples),
-               "--device", args.device, "--set", *args.set]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        result.setdefault("large_cell", {}).update(json.loads(out.strip().splitlines()[-1]))
+        result.setdefault("large_cell", {}).update(child_result(
+            "--guided-cell", str(args.large), "--threads", str(args.threads), "--surrogate",
+            args.surrogate, "--prior", args.prior, "--small-samples", str(args.small_samples),
+            "--device", args.device, "--set", *args.set))
         result["large_cell"].pop("note", None)
     for n in args.validation:
-        cmd = [sys.executable, "-m", "xanesdiff.scripts.benchmark_scale", "--validate-cell",
-               str(n), "--threads", str(args.threads), "--device", args.device]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        measured = json.loads(out.strip().splitlines()[-1])
+        measured = child_result("--validate-cell", str(n), "--threads", str(args.threads),
+                                "--device", args.device)
         result["validation"] = sorted(
             [p for p in result.get("validation", []) if p["atoms"] != n] + [measured],
             key=lambda p: p["atoms"])
