@@ -264,18 +264,12 @@ def _saved_bytes(fn) -> int:
 def test_backbone_pass_matches_matgl_and_recompute_saves_memory(surrogate, frame):
     """Our M3GNet pass equals matgl's own forward; recomputing blocks in the backward pass gives
     the same gradient while keeping far fewer tensors alive between forward and backward."""
-    from types import SimpleNamespace
-
     featurizer = copy_of_m3gnet_part(surrogate)
     pos, cell, numbers = _tensors(frame.atoms)
-    edge_index, shifts = featurizer.neighbor_graph(pos, cell)
-    graph = SimpleNamespace(node_type=featurizer._type_of_z[numbers], pos=pos,
-                            edge_index=edge_index, pbc_offshift=shifts @ cell, batch=None,
-                            num_graphs=1)
+    matgl_layers, _ = _matgl_layers(featurizer, pos, cell, numbers)
     with torch.no_grad():
-        featurizer.m3gnet(g=graph)
-        matgl_features = torch.cat([featurizer.m3gnet.feature_dict[f"gc_{k}"]["node_feat"]
-                                    for k in (1, 2, 3)], dim=1)
+        matgl_features = torch.cat([matgl_layers[f"gc_{k}"]["node_feat"] for k in (1, 2, 3)],
+                                   dim=1)
         torch.testing.assert_close(featurizer(pos, cell, numbers), matgl_features,
                                    atol=1e-6, rtol=1e-6)
     weights = torch.randn(216, featurizer.feature_dim, generator=torch.Generator().manual_seed(0))
@@ -292,6 +286,20 @@ def test_backbone_pass_matches_matgl_and_recompute_saves_memory(surrogate, frame
     # by default the machine's memory decides: never for a small cell, always for a huge one
     featurizer.recompute_min_atoms = None
     assert not featurizer.recomputes(216) and featurizer.recomputes(10**7)
+
+
+def _matgl_layers(featurizer, pos, cell, numbers):
+    """matgl's own M3GNet forward on our neighbour graph: its per-layer features
+    (`feature_dict`) and the graph's edge_index."""
+    from types import SimpleNamespace
+
+    edge_index, shifts = featurizer.neighbor_graph(pos, cell)
+    graph = SimpleNamespace(node_type=featurizer._type_of_z[numbers], pos=pos,
+                            edge_index=edge_index, pbc_offshift=shifts @ cell, batch=None,
+                            num_graphs=1)
+    with torch.no_grad():
+        featurizer.m3gnet(g=graph)
+    return featurizer.m3gnet.feature_dict, edge_index
 
 
 def copy_of_m3gnet_part(surrogate):
@@ -382,22 +390,16 @@ def test_backbone_in_spans_gives_the_same_features_and_gradients(surrogate, fram
 def test_edge_layers_are_matgls_edge_features_averaged_per_atom(surrogate, frame):
     """`edge_gc_k` layers (kept edge features, concatenated over spans) are the mean over each
     atom's bonds of matgl's own edge features after block k."""
-    from types import SimpleNamespace
-
     from xanesdiff.forward.m3gnet_features import M3GNetFeaturizer
 
     featurizer = M3GNetFeaturizer(copy_of_m3gnet_part(surrogate).model_dir,
                                   layers=("gc_1", "edge_gc_2"))
     pos, cell, numbers = _tensors(frame.atoms)
-    edge_index, shifts = featurizer.neighbor_graph(pos, cell)
-    graph = SimpleNamespace(node_type=featurizer._type_of_z[numbers], pos=pos,
-                            edge_index=edge_index, pbc_offshift=shifts @ cell, batch=None,
-                            num_graphs=1)
+    matgl_layers, edge_index = _matgl_layers(featurizer, pos, cell, numbers)
     with torch.no_grad():
-        featurizer.m3gnet(g=graph)
-        edges = featurizer.m3gnet.feature_dict["gc_2"]["edge_feat"]
+        edges = matgl_layers["gc_2"]["edge_feat"]
         counts = torch.bincount(edge_index[0], minlength=216).unsqueeze(1)
         expected = torch.cat([
-            featurizer.m3gnet.feature_dict["gc_1"]["node_feat"],
+            matgl_layers["gc_1"]["node_feat"],
             torch.zeros(216, edges.shape[1]).index_add(0, edge_index[0], edges) / counts], dim=1)
         torch.testing.assert_close(featurizer(pos, cell, numbers), expected, atol=1e-5, rtol=1e-5)
