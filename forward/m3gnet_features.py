@@ -346,8 +346,10 @@ def backbone_blocks(m3gnet: nn.Module, pos: torch.Tensor, offsets_A: torch.Tenso
     spans = three_body_spans(source, kept, n_atoms, pairs_per_span, max_spans=(
         None if not differentiated else MAX_RECOMPUTED_SPANS if recompute else 1))
 
-    def angular_basis(span, bond_vec, bond_dist):
-        pairs = three_body_pairs(source[span[0]:span[1]], kept[span[0]:span[1]])
+    def angular_basis(bonds, bond_vec, bond_dist):
+        """Three-body pairs of the bonds in slice `bonds` and their basis (`bond_vec`,
+        `bond_dist`: those bonds' own)."""
+        pairs = three_body_pairs(source[bonds], kept[bonds])
         angles = compute_theta_and_phi(bond_vec, bond_dist, pairs)
         return pairs, m3gnet.basis_expansion(angles["triple_bond_lengths"], angles["cos_theta"],
                                              angles["phi"])
@@ -360,7 +362,7 @@ def backbone_blocks(m3gnet: nn.Module, pos: torch.Tensor, offsets_A: torch.Tenso
         `M3GNetGraphConv`) restricted to the span; `neighbour_feat` is the three-body layer's
         atom update of the whole cell, computed once per block."""
         bond_start, bond_stop, atom_start, atom_stop = span
-        pairs, basis = built or angular_basis(span, bond_vec, bond_dist)
+        pairs, basis = built or angular_basis(slice(bond_start, bond_stop), bond_vec, bond_dist)
         source_atoms, target_atoms = source[bond_start:bond_stop], target[bond_start:bond_stop]
         three_body_layer, conv = m3gnet.three_body_interactions[k], m3gnet.graph_layers[k].conv
         terms = basis * neighbour_feat[target_atoms[pairs[1]]] * (
@@ -383,8 +385,7 @@ def backbone_blocks(m3gnet: nn.Module, pos: torch.Tensor, offsets_A: torch.Tenso
     bounded = recompute or (len(spans) > 1 and not differentiated)
     bonds_of = [slice(span[0], span[1]) for span in spans]
     built = ([None] * len(spans) if bounded
-             else [angular_basis(span, bond_vec[bonds], bond_dist[bonds])
-                   for span, bonds in zip(spans, bonds_of)])
+             else [angular_basis(bonds, bond_vec[bonds], bond_dist[bonds]) for bonds in bonds_of])
     node_feat, edge_feat, _ = m3gnet.embedding(node_type, expanded_dists, None)
     out = {"embedding": (node_feat, edge_feat if keep_edge_features else None)}
     for k in range(n_blocks):

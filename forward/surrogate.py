@@ -91,6 +91,15 @@ class ConcatFeaturizer(nn.Module):
         return torch.cat([part.features_of_atoms(atoms) for part in self.parts], dim=1)
 
 
+def featurizer_parts(surrogate) -> list:
+    """The featurisers a surrogate reads (the parts of a `ConcatFeaturizer`, else its one
+    featuriser; empty for an object without one)."""
+    featurizer = getattr(surrogate, "featurizer", None)
+    if featurizer is None:
+        return []
+    return list(getattr(featurizer, "parts", [featurizer]))
+
+
 def featurizer_is_trainable(featurizer: nn.Module) -> bool:
     return any(p.requires_grad for p in featurizer.parameters())
 

@@ -22,6 +22,7 @@ from xanesdiff.diffusion.autoguidance import autoguidance_weight
 from xanesdiff.diffusion.samplers import gaussian_like
 from xanesdiff.diffusion.sampling import (default_sampler, density_of_cell,
                                           resolve_cell_and_count)
+from xanesdiff.forward.surrogate import featurizer_parts
 from xanesdiff.guidance.guided_score import GuidedScore
 from xanesdiff.guidance.validation import predict_members, spectral_match
 from xanesdiff.runtime import fit_kept_memory
@@ -45,9 +46,8 @@ def descriptor_only(surrogate) -> bool:
 def features_recomputed(surrogate, n_atoms: int, device=None) -> bool:
     """True when the surrogate's features recompute their intermediates in the backward pass
     over `n_atoms` atoms (M3GNet on cells too large to keep its graph)."""
-    featurizer = getattr(surrogate, "featurizer", None)
-    parts = getattr(featurizer, "parts", [featurizer])
-    return any(part.recomputes(n_atoms, device) for part in parts if hasattr(part, "recomputes"))
+    return any(part.recomputes(n_atoms, device) for part in featurizer_parts(surrogate)
+               if hasattr(part, "recomputes"))
 
 
 def guided_step_mb(surrogate, score_model, n_atoms: int, cell_A, device=None) -> float:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from xanesdiff.forward.surrogate import predict_sites
+from xanesdiff.forward.surrogate import featurizer_parts, predict_sites
 
 
 def spectral_match(predicted: np.ndarray, target: np.ndarray) -> dict:
@@ -22,9 +22,7 @@ def prediction_mb(surrogate, n_atoms: int, volume_A3: float) -> float:
     """Peak memory (MB) of predicting one cell's spectra: what its featurisers' passes without
     gradient need (`inference_mb`; histograms, small networks and surrogates of other kinds
     count as nothing here)."""
-    featurizer = getattr(surrogate, "featurizer", None)
-    parts = getattr(featurizer, "parts", [featurizer])
-    return sum(part.inference_mb(n_atoms, volume_A3) for part in parts
+    return sum(part.inference_mb(n_atoms, volume_A3) for part in featurizer_parts(surrogate)
                if hasattr(part, "inference_mb"))
 
 
