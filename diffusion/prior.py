@@ -21,10 +21,13 @@ from xanesdiff.diffusion.fidelity_record import FidelityRecord, load_fidelity_re
 from xanesdiff.diffusion.hard_core import HardCoreScore
 from xanesdiff.diffusion.neighbors import NeighborListCache
 from xanesdiff.diffusion.schedule import VESchedule, schedule_from_config
+from xanesdiff.diffusion.painn_score_model import PaiNNScoreModel
 from xanesdiff.diffusion.score_model import EquivariantScoreModel
 
 CHECKPOINT_KIND = "diffusion_prior"
 CHECKPOINT_VERSION = 1
+SCORE_MODEL_CLASSES = {cls.__name__: cls for cls in (EquivariantScoreModel, PaiNNScoreModel)}
+"""Score model classes a prior checkpoint may name (its `score_model.class`)."""
 
 
 class DiffusionPrior:
@@ -176,7 +179,12 @@ def read_prior_checkpoint(path: Path) -> tuple[EquivariantScoreModel, VESchedule
         raise XanesdiffInputError(
             f"checkpoint version {payload.get('version')!r} is not supported (expected "
             f"{CHECKPOINT_VERSION}); retrain or use a matching xanesdiff", str(path))
-    model = EquivariantScoreModel(**payload["score_model"]["config"])
+    class_name = payload["score_model"].get("class", EquivariantScoreModel.__name__)
+    if class_name not in SCORE_MODEL_CLASSES:
+        raise XanesdiffInputError(
+            f"score model class {class_name!r} is unknown (expected one of "
+            f"{sorted(SCORE_MODEL_CLASSES)})", str(path))
+    model = SCORE_MODEL_CLASSES[class_name](**payload["score_model"]["config"])
     model.load_state_dict(learned_state(payload["state_dict"]))
     return model, schedule_from_config(payload["schedule"]), dict(payload.get("metadata") or {})
 

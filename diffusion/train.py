@@ -93,8 +93,23 @@ class PriorModule(L.LightningModule):
         return model(data.pos, data.cell, data.z, data.sigma, data.edge_index, data.edge_shift,
                      data.batch)
 
+    max_skipped_in_a_row = 20
+    """Non-finite losses tolerated in a row (each batch skipped) before training stops."""
+
     def training_step(self, data, _):
         loss = dsm_loss(self(data), data.displacement, data.sigma, data.batch)
+        if not torch.isfinite(loss):
+            # skip the batch (no backward, no optimiser step): one bad draw must not poison the
+            # weights; a run that keeps producing them has diverged and stops with an error
+            self.skipped_in_a_row = getattr(self, "skipped_in_a_row", 0) + 1
+            self.log("train/skipped", float(self.skipped_in_a_row), batch_size=1)
+            if self.skipped_in_a_row >= self.max_skipped_in_a_row:
+                raise FloatingPointError(
+                    f"{self.skipped_in_a_row} non-finite losses in a row at step "
+                    f"{self.global_step}: training diverged; lower training.lr or set "
+                    f"trainer.gradient_clip_val, and resume from the last finite checkpoint")
+            return None
+        self.skipped_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True, batch_size=int(data.num_graphs))
         return loss
 
@@ -137,6 +152,11 @@ class AtomicExport(L.Callback):
 
         if trainer.global_rank != 0:
             return
+        if not all(bool(torch.isfinite(p).all()) for p in module.ema_model.parameters()):
+            # keep the last good files rather than overwrite them with a diverged model
+            raise FloatingPointError(
+                f"the EMA weights at step {trainer.global_step} are not finite: not exported "
+                f"(the last export in {self.prior_path} and {self.lightning_ckpt} is kept)")
         self.lightning_ckpt.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.lightning_ckpt.with_name(self.lightning_ckpt.name + ".tmp")
         trainer.save_checkpoint(str(tmp))

@@ -15,6 +15,7 @@ from xanesdiff.diffusion.loss import dsm_loss
 from xanesdiff.diffusion.neighbors import NeighborListCache
 from xanesdiff.datasets.graph import minimum_image
 from xanesdiff.diffusion.schedule import VESchedule
+from xanesdiff.diffusion.painn_score_model import PaiNNScoreModel
 from xanesdiff.diffusion.score_model import EquivariantScoreModel
 
 
@@ -24,6 +25,18 @@ def small_model(**kw):
                   radial_hidden=8, n_basis=4, n_noise_features=8)
     config.update(kw)
     return EquivariantScoreModel(**config).double()
+
+
+def small_painn(**kw):
+    torch.manual_seed(0)
+    config = dict(cutoff_A=3.0, width=8, n_layers=2, n_basis=4, n_noise_features=8)
+    config.update(kw)
+    return PaiNNScoreModel(**config).double()
+
+
+SCORE_MODELS = {"l1": small_model,
+                "l3": lambda: small_model(irreps_hidden="8x0e + 4x1o + 2x2e + 2x3o", lmax=3),
+                "painn": small_painn}
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +61,10 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("irreps", [{}, {"irreps_hidden": "8x0e + 4x1o + 2x2e + 2x3o", "lmax": 3}])
-def test_rotation_translation_permutation_equivariance(cell_and_pos, irreps):
+@pytest.mark.parametrize("kind", SCORE_MODELS)
+def test_rotation_translation_permutation_equivariance(cell_and_pos, kind):
     cell, pos, numbers = cell_and_pos
-    model = small_model(**irreps)
+    model = SCORE_MODELS[kind]()
     ref = scores(model, pos, cell, numbers)
     assert ref.norm() > 0
     torch.manual_seed(3)
@@ -67,22 +80,24 @@ def test_rotation_translation_permutation_equivariance(cell_and_pos, irreps):
     assert rel_err(out_inv, -ref) < 1e-5
 
 
-def density_conditioned_model():
+def density_conditioned_model(kind="l1"):
     """A model whose density embedding is switched on (its last layer is random, not zero)."""
-    model = small_model(n_density_features=6)
+    model = {"l1": small_model, "painn": small_painn}[kind](n_density_features=6)
     torch.nn.init.normal_(model.density_embedding.mlp[-1].weight, std=0.5)
     return model
 
 
-def test_density_conditioned_model_is_equivariant_and_uses_each_cells_density(cell_and_pos):
+@pytest.mark.parametrize("kind", ["l1", "painn"])
+def test_density_conditioned_model_is_equivariant_and_uses_each_cells_density(cell_and_pos,
+                                                                             kind):
     cell, pos, numbers = cell_and_pos
-    model = density_conditioned_model()
+    model = density_conditioned_model(kind)
     ref = scores(model, pos, cell, numbers)
     torch.manual_seed(5)
     rot = o3.rand_matrix().double()
     assert rel_err(scores(model, pos @ rot.T, cell @ rot.T, numbers), ref @ rot.T) < 1e-5
     # the density features change the scores (the same model with the embedding zeroed differs)
-    blind = density_conditioned_model()
+    blind = density_conditioned_model(kind)
     torch.nn.init.zeros_(blind.density_embedding.mlp[-1].weight)
     assert rel_err(scores(blind, pos, cell, numbers), ref) > 1e-3
     big_cell = cell * 1.6
@@ -323,9 +338,10 @@ def test_last_layer_skips_only_paths_the_readout_cannot_see(cell_and_pos, irreps
     assert not any("tp_used" in key for key in copy.deepcopy(model).state_dict())
 
 
-def test_periodic_images_give_same_scores(cell_and_pos):
+@pytest.mark.parametrize("kind", ["l1", "painn"])
+def test_periodic_images_give_same_scores(cell_and_pos, kind):
     cell, pos, numbers = cell_and_pos
-    model = small_model()
+    model = SCORE_MODELS[kind]()
     ref = scores(model, pos, cell, numbers)
     lattice_shift = torch.tensor([[1, 0, -1], [0, 2, 0]], dtype=torch.float64) @ cell
     moved = pos.clone()
@@ -383,8 +399,9 @@ def test_cached_graph_follows_atoms_wrapped_across_cell_faces(cell_and_pos, n_ce
     assert rel_err(cached, fresh) < 1e-10
 
 
-def test_score_is_smooth_when_neighbours_cross_cutoff():
-    model = small_model()
+@pytest.mark.parametrize("kind", ["l1", "painn"])
+def test_score_is_smooth_when_neighbours_cross_cutoff(kind):
+    model = SCORE_MODELS[kind]()
     cell = torch.eye(3, dtype=torch.float64) * 12.0
     numbers = torch.tensor([6, 6])
     out = []
@@ -574,3 +591,110 @@ def test_warm_start_deepens_a_prior_without_changing_its_scores(tmp_path, cell_a
     shallower = EquivariantScoreModel(**{**plain.config(), "n_layers": 1})
     with pytest.raises(XanesdiffInputError, match="do not fit"):
         warm_start(shallower, str(tmp_path / "plain.pt"))
+
+
+def test_painn_score_gradient_matches_finite_differences(cell_and_pos):
+    """Guidance differentiates through the denoiser: d(w·score)/d(positions) by autograd equals
+    central finite differences (the graph is held fixed, as within one sampler step)."""
+    cell, pos, numbers = cell_and_pos
+    model = small_painn()
+    g = periodic_graph(pos, cell, numbers, model.cutoff_A)
+    weights = torch.randn(pos.shape, generator=torch.Generator().manual_seed(2),
+                          dtype=torch.float64)
+
+    def objective(p):
+        return (model(p, cell.unsqueeze(0), numbers, torch.tensor(0.3, dtype=torch.float64),
+                      g.edge_index, g.edge_shift.double()) * weights).sum()
+
+    p = pos.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(objective(p), p)
+    h = 1e-5
+    for atom, axis in [(0, 0), (5, 1), (17, 2), (33, 0)]:
+        step = torch.zeros_like(pos)
+        step[atom, axis] = h
+        with torch.no_grad():
+            numeric = (objective(pos + step) - objective(pos - step)) / (2 * h)
+        assert float(grad[atom, axis]) == pytest.approx(float(numeric), rel=1e-6, abs=1e-8)
+
+
+def test_painn_score_model_learns_a_denoising_target(cell_and_pos):
+    """A few optimiser steps of denoising score matching lower the loss on a fixed noised batch:
+    the parameters all receive gradients and the model can fit."""
+    cell, pos, numbers = cell_and_pos
+    model = small_painn(width=16).float()
+    gen = torch.Generator().manual_seed(6)
+    sigma = 0.2
+    noise = torch.randn(pos.shape, generator=gen)
+    noisy = wrap_positions(pos.float() + sigma * noise, cell.float())
+    g = periodic_graph(noisy, cell.float(), numbers, model.cutoff_A)
+
+    def loss():
+        out = model(noisy, cell.float().unsqueeze(0), numbers, torch.tensor(sigma),
+                    g.edge_index, g.edge_shift.float())
+        return ((sigma * out + noise) ** 2).mean()
+
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = loss()
+    first.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for name, p in
+               model.named_parameters() if "density" not in name), "a parameter gets no gradient"
+    for _ in range(60):
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        opt.step()
+    assert float(loss()) < 0.7 * float(first)
+
+
+def _noised_batch(cell, pos, numbers, model, sigma=0.2):
+    from types import SimpleNamespace
+
+    noise = sigma * torch.randn(pos.shape, generator=torch.Generator().manual_seed(8),
+                                dtype=pos.dtype)
+    noisy = wrap_positions(pos + noise, cell)
+    g = periodic_graph(noisy, cell, numbers, model.cutoff_A)
+    n = pos.shape[0]
+    return SimpleNamespace(pos=noisy, cell=cell.unsqueeze(0), z=numbers,
+                           sigma=torch.full((n,), sigma, dtype=pos.dtype),
+                           edge_index=g.edge_index, edge_shift=g.edge_shift.to(pos.dtype),
+                           batch=torch.zeros(n, dtype=torch.long), displacement=noise,
+                           num_graphs=1)
+
+
+def test_training_skips_non_finite_losses_and_stops_when_they_persist(cell_and_pos):
+    from xanesdiff.diffusion.train import PriorModule
+
+    cell, pos, numbers = cell_and_pos
+    model = small_painn()
+    module = PriorModule(model, VESchedule())
+    data = _noised_batch(cell, pos, numbers, model)
+    assert torch.isfinite(module.training_step(data, 0))
+    with torch.no_grad():
+        model.readout_weights[-1].bias.fill_(float("nan"))  # a diverged model: NaN scores
+    for _ in range(module.max_skipped_in_a_row - 1):
+        assert module.training_step(data, 0) is None  # skipped: no backward, no step
+    with pytest.raises(FloatingPointError, match="non-finite losses in a row"):
+        module.training_step(data, 0)
+
+
+def test_export_refuses_non_finite_weights_and_keeps_the_last_good_files(tmp_path,
+                                                                        cell_and_pos):
+    from types import SimpleNamespace
+
+    from xanesdiff.diffusion.prior import load_prior
+    from xanesdiff.diffusion.train import AtomicExport, PriorModule
+
+    module = PriorModule(small_painn(), VESchedule())
+    trainer = SimpleNamespace(global_rank=0, global_step=7, callback_metrics={},
+                              save_checkpoint=lambda path: Path(path).write_bytes(b"ckpt"))
+    export = AtomicExport(str(tmp_path / "last.ckpt"), str(tmp_path / "prior.pt"))
+    export.export(trainer, module)
+    good = (tmp_path / "prior.pt").read_bytes()
+    assert load_prior(tmp_path / "prior.pt").metadata["global_step"] == 7
+    with torch.no_grad():
+        next(module.ema_model.parameters()).fill_(float("nan"))
+    trainer.global_step = 9
+    with pytest.raises(FloatingPointError, match="not finite"):
+        export.export(trainer, module)
+    assert (tmp_path / "prior.pt").read_bytes() == good
+    assert (tmp_path / "last.ckpt").read_bytes() == b"ckpt"

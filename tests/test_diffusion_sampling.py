@@ -158,6 +158,31 @@ def test_deep_copied_high_order_model_saves_and_loads(tmp_path):
     torch.testing.assert_close(loaded(*args), ema(*args))
 
 
+def test_painn_prior_saves_loads_and_an_unknown_class_is_refused(tmp_path):
+    """A prior checkpoint names its score model's class; a PaiNN prior comes back as one, with
+    the same scores, and a class this version does not know is a clear error."""
+    from xanesdiff.datasets.graph import periodic_graph
+    from xanesdiff.diffusion.painn_score_model import PaiNNScoreModel
+    from xanesdiff.diffusion.schedule import VESchedule
+
+    torch.manual_seed(0)
+    model = PaiNNScoreModel(cutoff_A=3.0, width=8, n_layers=2, n_basis=4, n_noise_features=8)
+    path = save_prior(tmp_path / "painn.pt", model, VESchedule())
+    loaded = load_prior(path).score_model
+    assert isinstance(loaded, PaiNNScoreModel) and loaded.config() == model.config()
+    cell = torch.eye(3) * 7.0
+    pos = torch.rand((30, 3), generator=torch.Generator().manual_seed(1)) @ cell
+    numbers = torch.full((30,), 6)
+    g = periodic_graph(pos, cell, numbers, 3.0)
+    args = (pos, cell[None], numbers, torch.tensor(0.3), g.edge_index, g.edge_shift.float())
+    torch.testing.assert_close(loaded(*args), model(*args))
+    payload = torch.load(path, weights_only=False)
+    payload["score_model"]["class"] = "TransformerScoreModel"
+    torch.save(payload, tmp_path / "unknown.pt")
+    with pytest.raises(XanesdiffInputError, match="TransformerScoreModel.*PaiNNScoreModel"):
+        load_prior(tmp_path / "unknown.pt")
+
+
 def _cli(*args, cwd):
     env = dict(os.environ, XANESDIFF_THREADS="1")
     return subprocess.run([sys.executable, "-m", "xanesdiff.scripts.cli", *args], cwd=cwd,
