@@ -21,20 +21,17 @@ from xanesdiff.diffusion.fidelity_record import FidelityRecord, load_fidelity_re
 from xanesdiff.diffusion.hard_core import HardCoreScore
 from xanesdiff.diffusion.neighbors import NeighborListCache
 from xanesdiff.diffusion.schedule import VESchedule, schedule_from_config
-from xanesdiff.diffusion.painn_score_model import PaiNNScoreModel
 from xanesdiff.diffusion.score_model import EquivariantScoreModel
 
 CHECKPOINT_KIND = "diffusion_prior"
 CHECKPOINT_VERSION = 1
-SCORE_MODEL_CLASSES = {cls.__name__: cls for cls in (EquivariantScoreModel, PaiNNScoreModel)}
-"""Score model classes a prior checkpoint may name (its `score_model.class`)."""
 
 
 class DiffusionPrior:
     """A trained score model under its noise schedule, with a neighbour-list cache, plus
     (optionally) the analytic score of a hard core where the data has no pairs."""
 
-    def __init__(self, score_model: EquivariantScoreModel, schedule: VESchedule,
+    def __init__(self, score_model: torch.nn.Module, schedule: VESchedule,
                  skin_A: float = 1.0, metadata: dict | None = None,
                  hard_core: HardCoreScore | None = None):
         # sampling differentiates positions only: frozen weights spare every backward pass
@@ -114,7 +111,7 @@ def learned_state(state_dict: dict) -> dict:
             if not ("._compiled_main" in k and "._tensor_constant" in k)}
 
 
-def save_prior(path: str | os.PathLike, score_model: EquivariantScoreModel, schedule: VESchedule,
+def save_prior(path: str | os.PathLike, score_model: torch.nn.Module, schedule: VESchedule,
                metadata: dict | None = None) -> Path:
     """Write a self-describing prior checkpoint (kind, version, constructor config, weights),
     atomically (temporary file then rename)."""
@@ -126,7 +123,9 @@ def save_prior(path: str | os.PathLike, score_model: EquivariantScoreModel, sche
         "kind": CHECKPOINT_KIND,
         "version": CHECKPOINT_VERSION,
         "xanesdiff_version": xanesdiff.__version__,
-        "score_model": {"class": type(score_model).__name__, "config": score_model.config()},
+        "score_model": {"class": type(score_model).__name__,
+                        "target": f"{type(score_model).__module__}.{type(score_model).__qualname__}",
+                        "config": score_model.config()},
         "schedule": schedule.config(),
         "state_dict": {k: v.detach().cpu().float()
                        for k, v in learned_state(score_model.state_dict()).items()},
@@ -160,7 +159,26 @@ def prior_checkpoint_path(name_or_path: str | os.PathLike | None = None) -> Path
     return xanesdiff.shipped_checkpoint_path(name_or_path, SHIPPED_PRIORS)
 
 
-def read_prior_checkpoint(path: Path) -> tuple[EquivariantScoreModel, VESchedule, dict]:
+def score_model_class(spec: dict, path: Path) -> type:
+    """The class a checkpoint's `score_model` entry names: its `target` (a class inside
+    xanesdiff, e.g. xanesdiff.diffusion.painn_score_model.PaiNNScoreModel), or for checkpoints
+    written before targets were stored, `class` in `score_model.py`."""
+    import importlib
+
+    target = spec.get("target") or (f"{EquivariantScoreModel.__module__}."
+                                    f"{spec.get('class', EquivariantScoreModel.__name__)}")
+    module_name, _, name = str(target).rpartition(".")
+    try:
+        if not module_name.startswith("xanesdiff."):
+            raise ImportError("only score models of xanesdiff are loaded")
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise XanesdiffInputError(
+            f"score model class {target!r} cannot be loaded ({exc}); the checkpoint needs the "
+            f"xanesdiff version that wrote it", str(path)) from None
+
+
+def read_prior_checkpoint(path: Path) -> tuple[torch.nn.Module, VESchedule, dict]:
     """(score model, schedule, metadata) of a prior checkpoint file, with clear errors for a
     missing, unreadable, foreign or too new file."""
     if not path.exists():
@@ -179,12 +197,7 @@ def read_prior_checkpoint(path: Path) -> tuple[EquivariantScoreModel, VESchedule
         raise XanesdiffInputError(
             f"checkpoint version {payload.get('version')!r} is not supported (expected "
             f"{CHECKPOINT_VERSION}); retrain or use a matching xanesdiff", str(path))
-    class_name = payload["score_model"].get("class", EquivariantScoreModel.__name__)
-    if class_name not in SCORE_MODEL_CLASSES:
-        raise XanesdiffInputError(
-            f"score model class {class_name!r} is unknown (expected one of "
-            f"{sorted(SCORE_MODEL_CLASSES)})", str(path))
-    model = SCORE_MODEL_CLASSES[class_name](**payload["score_model"]["config"])
+    model = score_model_class(payload["score_model"], path)(**payload["score_model"]["config"])
     model.load_state_dict(learned_state(payload["state_dict"]))
     return model, schedule_from_config(payload["schedule"]), dict(payload.get("metadata") or {})
 
@@ -236,7 +249,7 @@ def resolve_autoguidance(setting: Autoguidance | Mapping | str | None, prior_pat
                               f"{setting!r}", "autoguidance")
 
 
-def autoguided(model: EquivariantScoreModel, schedule: VESchedule, autoguidance: Autoguidance
+def autoguided(model: torch.nn.Module, schedule: VESchedule, autoguidance: Autoguidance
                ) -> AutoguidedScoreModel:
     """`model` autoguided by the weaker prior that `autoguidance` names, which must share its
     cutoff and noise `schedule` (a clear error naming the weaker file otherwise)."""

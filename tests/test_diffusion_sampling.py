@@ -160,7 +160,8 @@ def test_deep_copied_high_order_model_saves_and_loads(tmp_path):
 
 def test_painn_prior_saves_loads_and_an_unknown_class_is_refused(tmp_path):
     """A prior checkpoint names its score model's class; a PaiNN prior comes back as one, with
-    the same scores, and a class this version does not know is a clear error."""
+    the same scores, and a class this version does not have (or one outside xanesdiff) is a
+    clear error."""
     from xanesdiff.datasets.graph import periodic_graph
     from xanesdiff.diffusion.painn_score_model import PaiNNScoreModel
     from xanesdiff.diffusion.schedule import VESchedule
@@ -177,10 +178,14 @@ def test_painn_prior_saves_loads_and_an_unknown_class_is_refused(tmp_path):
     args = (pos, cell[None], numbers, torch.tensor(0.3), g.edge_index, g.edge_shift.float())
     torch.testing.assert_close(loaded(*args), model(*args))
     payload = torch.load(path, weights_only=False)
-    payload["score_model"]["class"] = "TransformerScoreModel"
-    torch.save(payload, tmp_path / "unknown.pt")
-    with pytest.raises(XanesdiffInputError, match="TransformerScoreModel.*PaiNNScoreModel"):
-        load_prior(tmp_path / "unknown.pt")
+    assert payload["score_model"]["target"] == (
+        "xanesdiff.diffusion.painn_score_model.PaiNNScoreModel")
+    for target in ("xanesdiff.diffusion.painn_score_model.TransformerScoreModel",
+                   "xanesdiff.diffusion.transformer.TransformerScoreModel", "os.system"):
+        payload["score_model"]["target"] = target
+        torch.save(payload, tmp_path / "unknown.pt")
+        with pytest.raises(XanesdiffInputError, match="cannot be loaded"):
+            load_prior(tmp_path / "unknown.pt")
 
 
 def _cli(*args, cwd):
