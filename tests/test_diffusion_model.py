@@ -698,3 +698,23 @@ def test_export_refuses_non_finite_weights_and_keeps_the_last_good_files(tmp_pat
         export.export(trainer, module)
     assert (tmp_path / "prior.pt").read_bytes() == good
     assert (tmp_path / "last.ckpt").read_bytes() == b"ckpt"
+
+
+def test_painn_kept_memory_estimate_matches_what_autograd_keeps(cell_and_pos):
+    """The guided step sizes its memory by `kept_mb`: it must be what a differentiated call of
+    the shipped width really keeps (within 25 %)."""
+    cell, pos, numbers = cell_and_pos
+    model = PaiNNScoreModel(cutoff_A=3.5).requires_grad_(False)  # as loaded for sampling
+    g = periodic_graph(pos.float(), cell.float(), numbers, model.cutoff_A)
+    kept = {}
+
+    def pack(tensor):
+        kept[(tensor.data_ptr(), tensor.numel())] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    p = pos.float().clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(p, cell.float().unsqueeze(0), numbers, torch.tensor(0.3), g.edge_index,
+              g.edge_shift.float())
+    measured_mb = sum(kept.values()) / 2 ** 20
+    assert model.kept_mb(g.edge_index.shape[1]) == pytest.approx(measured_mb, rel=0.25)
