@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from xanesdiff.datasets.graph import periodic_neighbor_list
+from xanesdiff.datasets.graph import add_rows, periodic_neighbor_list
 from xanesdiff.forward.descriptor import cosine_cutoff
 
 
@@ -27,7 +27,15 @@ class PaiNNMessage(nn.Module):
         self.phi = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 3 * width))
         self.filter = nn.Linear(n_rbf, 3 * width)
 
-    def forward(self, s, v, src, dst, unit, rbf, fcut):
+    edge_block = 16384
+    """Edges per block of a recomputed pass."""
+
+    def forward(self, s, v, src, dst, unit, rbf, fcut, recompute: bool = False):
+        """`recompute`: sum the messages block by block (`edge_block` edges) and keep none of
+        a block's intermediates for the backward pass, computing them again there (same values
+        and gradients; memory of one block instead of every edge's)."""
+        if recompute:
+            return self._recomputed(s, v, src, dst, unit, rbf, fcut)
         # index_select, not s[dst]: the same gather, several times faster on a CPU; the three
         # message parts are split as contiguous rows before the sums (≈1.7× faster forward)
         x = self.phi(s).index_select(0, dst) * (self.filter(rbf) * fcut.unsqueeze(1))
@@ -36,6 +44,25 @@ class PaiNNMessage(nn.Module):
         dv = torch.addcmul(unit.unsqueeze(2) * dvs.unsqueeze(1), v.index_select(0, dst),
                            dvv.unsqueeze(1))
         return s, v.index_add(0, src, dv)
+
+    def _edge_terms(self, phi, v, dst, unit, rbf, fcut):
+        """One block's messages (E_block, 4F): the scalar part, then the vector part flat."""
+        x = phi.index_select(0, dst) * (self.filter(rbf) * fcut.unsqueeze(1))
+        ds, dvv, dvs = x.view(-1, 3, self.width).unbind(1)
+        dv = torch.addcmul(unit.unsqueeze(2) * dvs.unsqueeze(1), v.index_select(0, dst),
+                           dvv.unsqueeze(1))
+        return torch.cat([ds, dv.reshape(-1, 3 * self.width)], dim=1)
+
+    def _recomputed(self, s, v, src, dst, unit, rbf, fcut):
+        n, width = s.shape
+        phi = self.phi(s)
+        state = torch.cat([s, v.reshape(n, 3 * width)], dim=1)
+        for start in range(0, src.numel(), self.edge_block):
+            block = slice(start, start + self.edge_block)
+            state = add_rows(state, src[block], self._edge_terms,
+                             (phi, v, dst[block], unit[block], rbf[block], fcut[block]),
+                             recompute=True, params=tuple(self.filter.parameters()))
+        return state[:, :width], state[:, width:].reshape(n, 3, width)
 
 
 class PaiNNUpdate(nn.Module):
