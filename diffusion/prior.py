@@ -138,11 +138,12 @@ def save_prior(path: str | os.PathLike, score_model: torch.nn.Module, schedule: 
 
 
 # Shipped priors by name: the default (l ≤ 3 hidden features), one ≈2.5× cheaper per score
-# call (l ≤ 1, the default until session 7) for very large cells and quick runs, and the default's
-# architecture trained without the 2.5 g/cm³ network (the leave-out benchmark's prior, and the
-# weaker model that autoguides the default in dense cells).
+# call (l ≤ 1, the default until session 7) for very large cells and quick runs, the PaiNN
+# model (≈6× cheaper per call than the default), and the default's architecture trained without
+# the 2.5 g/cm³ network (the leave-out benchmark's prior, and the weaker model that autoguides
+# the default in dense cells).
 SHIPPED_PRIORS = {"default": "prior_default.pt", "fast": "prior_fast.pt",
-                  "without_2.5": "prior_without_2.5.pt"}
+                  "painn": "prior_painn.pt", "without_2.5": "prior_without_2.5.pt"}
 
 # What `autoguidance="auto"` means for each shipped prior (the others have none): the default
 # prior pushed away from the less-trained `without_2.5`, from 0 at 3.0 to full weight at 3.5 g/cm³,
@@ -205,7 +206,8 @@ def read_prior_checkpoint(path: Path) -> tuple[torch.nn.Module, VESchedule, dict
 def load_prior(path: str | os.PathLike | None = None, skin_A: float = 1.0,
                hard_core_A: float | None = 1.1, device: str | torch.device = "cpu",
                autoguidance: Autoguidance | Mapping | str | None = None) -> DiffusionPrior:
-    """Load a prior checkpoint: a path, or a shipped name (`SHIPPED_PRIORS`: default | fast);
+    """Load a prior checkpoint: a path, or a shipped name (`SHIPPED_PRIORS`: default | fast |
+    painn | without_2.5);
     `None` loads the default. `hard_core_A` (Å): closest pair distance kept by a
     `HardCoreScore` (None: the learned score alone). `device`: where the score model runs.
     `autoguidance`: push the score away from a weaker prior's (`autoguidance.py`): an

@@ -324,7 +324,7 @@ def main(argv=None) -> None:
     parser.add_argument("--surrogate", default="default",
                         help="guide of the --large-guided sample: default | fast | a checkpoint")
     parser.add_argument("--prior", default="default",
-                        help="prior of every measurement: default | fast | a checkpoint")
+                        help="prior of every measurement: default | fast | painn | a checkpoint")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="generate overrides of the --large-guided sample, e.g. sampler=pc_quick")
     parser.add_argument("--validation", type=int, nargs="+", default=[], metavar="ATOMS",

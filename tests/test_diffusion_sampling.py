@@ -124,13 +124,18 @@ def test_checkpoint_round_trip_and_wrong_kind(tmp_path, tiny_prior):
 
 
 def test_shipped_priors_load_by_name_and_differ():
-    """`default` is the l ≤ 3 prior, `fast` the cheaper l ≤ 1 one; a path is taken as it is."""
+    """`default` is the l ≤ 3 prior, `fast` the cheaper l ≤ 1 one, `painn` the PaiNN model; a
+    path is taken as it is."""
     from xanesdiff.diffusion.prior import SHIPPED_PRIORS, prior_checkpoint_path
 
     assert prior_checkpoint_path(None) == prior_checkpoint_path("default")
     assert prior_checkpoint_path("elsewhere/p.pt") == Path("elsewhere/p.pt")
-    lmax = {name: load_prior(name).score_model.config()["lmax"] for name in SHIPPED_PRIORS}
-    assert lmax == {"default": 3, "fast": 2, "without_2.5": 3}
+    models = {name: load_prior(name).score_model for name in SHIPPED_PRIORS}
+    kinds = {name: (type(model).__name__, model.config().get("lmax"))
+             for name, model in models.items()}
+    assert kinds == {"default": ("EquivariantScoreModel", 3), "fast": ("EquivariantScoreModel", 2),
+                     "painn": ("PaiNNScoreModel", None),
+                     "without_2.5": ("EquivariantScoreModel", 3)}
 
 
 def test_deep_copied_high_order_model_saves_and_loads(tmp_path):
