@@ -31,6 +31,40 @@ KEPT_MB_PER_EDGE_RECOMPUTED = 0.001
 measured at 3000 atoms, ≈15× less)."""
 
 
+class AngularInvariants(nn.Module):
+    """Rotation-invariant bond-order features of each atom's neighbourhood (a power spectrum):
+    q_lmn = Σ_j Y_lm(r̂_ij)·R_n(r_ij), p_ln = Σ_m q_lmn² for l = 0…lmax and each radial channel
+    n. l = 2 tells planar (sp2) from other neighbourhoods, l = 3 tetrahedral (sp3) ones: order
+    that vector (l = 1) channels see only indirectly. Input: unit vectors (E,3), radial
+    features (E, n_radial) already cut off smoothly, the edges' centre atoms (E,); output
+    (N, (lmax+1)·n_radial)."""
+
+    def __init__(self, lmax: int, n_radial: int):
+        super().__init__()
+        from e3nn import o3
+
+        self.irreps = o3.Irreps.spherical_harmonics(lmax)
+        self.lmax, self.n_radial = int(lmax), int(n_radial)
+        self.register_buffer("degree", torch.cat([torch.full((2 * l + 1,), l)
+                                                  for l in range(lmax + 1)]), persistent=False)
+
+    @property
+    def n_features(self) -> int:
+        return (self.lmax + 1) * self.n_radial
+
+    def forward(self, unit, radial, centre, n_atoms: int):
+        from e3nn import o3
+
+        harmonics = o3.spherical_harmonics(self.irreps, unit, normalize=False,
+                                           normalization="component")
+        terms = (harmonics.unsqueeze(2) * radial.unsqueeze(1)).flatten(1)  # (E, M·n_radial)
+        q = terms.new_zeros(n_atoms, terms.shape[1]).index_add(0, centre, terms)
+        q = q.view(n_atoms, -1, self.n_radial).square()
+        power = q.new_zeros(n_atoms, self.lmax + 1, self.n_radial).index_add(
+            1, self.degree, q)
+        return power.flatten(1)
+
+
 class PaiNNScoreModel(nn.Module):
     """Score network s_θ(x, σ) for atoms in periodic cells, PaiNN layers.
 
@@ -41,12 +75,13 @@ class PaiNNScoreModel(nn.Module):
 
     def __init__(self, cutoff_A: float = 3.5, width: int = 64, n_layers: int = 3,
                  n_species: int = 100, n_basis: int = 8, n_noise_features: int = 16,
-                 avg_neighbors: float = 20.0, n_density_features: int = 0):
+                 avg_neighbors: float = 20.0, n_density_features: int = 0,
+                 angular_lmax: int = 0):
         super().__init__()
         self._config = dict(cutoff_A=cutoff_A, width=width, n_layers=n_layers,
                             n_species=n_species, n_basis=n_basis,
                             n_noise_features=n_noise_features, avg_neighbors=avg_neighbors,
-                            n_density_features=n_density_features)
+                            n_density_features=n_density_features, angular_lmax=angular_lmax)
         self.cutoff_A = float(cutoff_A)
         self.width = int(width)
         # messages are summed over ≈avg_neighbors edges: scaled by 1/√avg_neighbors, so the
@@ -59,6 +94,10 @@ class PaiNNScoreModel(nn.Module):
         self.density_embedding = (DensityEmbedding(n_density_features, width)
                                   if n_density_features else None)
         self.basis = BesselBasis(cutoff_A, n_basis)
+        # angular_lmax > 0: bond-order invariants up to that l join the atoms' first scalars
+        self.angular = AngularInvariants(angular_lmax, n_basis) if angular_lmax else None
+        self.angular_mlp = (nn.Sequential(nn.Linear(self.angular.n_features, width), nn.SiLU(),
+                                          nn.Linear(width, width)) if angular_lmax else None)
         n_edge = n_basis + n_noise_features
         self.messages = nn.ModuleList(PaiNNMessage(width, n_edge) for _ in range(n_layers))
         self.updates = nn.ModuleList(PaiNNUpdate(width) for _ in range(n_layers))
@@ -101,10 +140,14 @@ class PaiNNScoreModel(nn.Module):
             vec, length, edge_index = vec[keep], length[keep], edge_index[:, keep]
         unit = vec / length.clamp_min(1e-6).unsqueeze(-1)
         noise_feat = self.noise_embedding(sigma_atom)
-        edge_features = torch.cat([self.basis(length), noise_feat[edge_index[0]]], dim=-1)
+        radial = self.basis(length)
+        edge_features = torch.cat([radial, noise_feat[edge_index[0]]], dim=-1)
         envelope = self.basis.envelope(length) * self.message_scale
         s = self.species_embedding(numbers.clamp(0, self.species_embedding.num_embeddings - 1))
         s = s + self.noise_mlp(noise_feat)
+        if self.angular is not None:
+            radial_cut = radial * (self.basis.envelope(length) * self.message_scale).unsqueeze(1)
+            s = s + self.angular_mlp(self.angular(unit, radial_cut, edge_index[0], n))
         if self.density_embedding is not None:
             s = s + self.density_embedding(numbers, cell.to(pos.dtype), batch)
         v = s.new_zeros(n, 3, self.width)

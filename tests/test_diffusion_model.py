@@ -36,7 +36,8 @@ def small_painn(**kw):
 
 SCORE_MODELS = {"l1": small_model,
                 "l3": lambda: small_model(irreps_hidden="8x0e + 4x1o + 2x2e + 2x3o", lmax=3),
-                "painn": small_painn}
+                "painn": small_painn,
+                "painn_angular": lambda: small_painn(angular_lmax=3)}
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +342,7 @@ def test_last_layer_skips_only_paths_the_readout_cannot_see(cell_and_pos, irreps
     assert not any("tp_used" in key for key in copy.deepcopy(model).state_dict())
 
 
-@pytest.mark.parametrize("kind", ["l1", "painn"])
+@pytest.mark.parametrize("kind", ["l1", "painn", "painn_angular"])
 def test_periodic_images_give_same_scores(cell_and_pos, kind):
     cell, pos, numbers = cell_and_pos
     model = SCORE_MODELS[kind]()
@@ -402,7 +403,7 @@ def test_cached_graph_follows_atoms_wrapped_across_cell_faces(cell_and_pos, n_ce
     assert rel_err(cached, fresh) < 1e-10
 
 
-@pytest.mark.parametrize("kind", ["l1", "painn"])
+@pytest.mark.parametrize("kind", ["l1", "painn", "painn_angular"])
 def test_score_is_smooth_when_neighbours_cross_cutoff(kind):
     model = SCORE_MODELS[kind]()
     cell = torch.eye(3, dtype=torch.float64) * 12.0
@@ -717,3 +718,29 @@ def test_painn_kept_memory_estimate_matches_what_autograd_keeps(cell_and_pos):
         model.recompute_min_edges = 0 if recompute else 10 ** 9
         measured_mb = _saved_bytes_and_gradients(model, pos, cell, numbers)[2] / 2 ** 20
         assert model.kept_mb(n_edges) == pytest.approx(measured_mb, rel=0.3), recompute
+
+
+def test_angular_invariants_tell_tetrahedral_from_planar_and_ignore_rotation():
+    """The bond-order power spectrum: a tetrahedron has no quadrupole (l = 2) but an octupole
+    (l = 3); three planar bonds at 120° have a quadrupole; rotating a neighbourhood or
+    reordering its bonds changes nothing."""
+    from xanesdiff.diffusion.painn_score_model import AngularInvariants
+
+    invariants = AngularInvariants(lmax=3, n_radial=1)
+    tetrahedral = torch.tensor([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]],
+                               dtype=torch.float64) / math.sqrt(3)
+    planar = torch.tensor([[1, 0, 0], [-0.5, math.sqrt(3) / 2, 0], [-0.5, -math.sqrt(3) / 2, 0]],
+                          dtype=torch.float64)
+
+    def power(units):  # (l = 0…3) for one centre atom whose bonds are `units`, radial weight 1
+        ones = torch.ones(len(units), 1, dtype=torch.float64)
+        return invariants(units, ones, torch.zeros(len(units), dtype=torch.long), 1)[0]
+
+    tet, pla = power(tetrahedral), power(planar)
+    assert tet[2] < 1e-12 and tet[3] > 0.1
+    assert pla[2] > 0.1
+    torch.manual_seed(9)
+    rot = o3.rand_matrix().double()
+    for units, ref in ((tetrahedral, tet), (planar, pla)):
+        turned = (units @ rot.T)[torch.randperm(len(units))]
+        torch.testing.assert_close(power(turned), ref, rtol=1e-10, atol=1e-12)
