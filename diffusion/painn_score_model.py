@@ -16,11 +16,9 @@ import math
 import torch
 from torch import nn
 
-from xanesdiff.datasets.graph import edge_vectors
-from xanesdiff.diffusion.score_model import (RECOMPUTE_MEMORY_FRACTION, BesselBasis,
-                                             DensityEmbedding, NoiseEmbedding)
+from xanesdiff.diffusion.score_model import (BesselBasis, DensityEmbedding, NoiseEmbedding,
+                                             RecomputesMessages, edges_within_cutoff)
 from xanesdiff.forward.gnn_scratch import PaiNNMessage, PaiNNUpdate
-from xanesdiff.runtime import device_memory_mb
 
 KEPT_MB_PER_EDGE = 0.014
 """Memory autograd keeps per edge for a differentiated score call (MB, float32, width 64,
@@ -65,7 +63,7 @@ class AngularInvariants(nn.Module):
         return power.flatten(1)
 
 
-class PaiNNScoreModel(nn.Module):
+class PaiNNScoreModel(RecomputesMessages, nn.Module):
     """Score network s_θ(x, σ) for atoms in periodic cells, PaiNN layers.
 
     `forward(pos (N,3) Å, cell (B,3,3) Å, numbers (N,), sigma (N,) Å or scalar, edge_index (2,E),
@@ -103,41 +101,18 @@ class PaiNNScoreModel(nn.Module):
         self.updates = nn.ModuleList(PaiNNUpdate(width) for _ in range(n_layers))
         self.readout_weights = nn.Sequential(nn.Linear(width, width), nn.SiLU(),
                                              nn.Linear(width, width))
-        self.recompute_min_edges: int | None = None  # None: decided by memory (`recomputes`)
 
     def config(self) -> dict:
         return dict(self._config)
 
-    def recomputes(self, n_edges: int, device=None) -> bool:
-        """Whether a differentiated pass over `n_edges` edges recomputes its messages in the
-        backward pass: from `recompute_min_edges` edges if set, else when the messages kept
-        for it would take more than `RECOMPUTE_MEMORY_FRACTION` of the device's memory."""
-        if self.recompute_min_edges is not None:
-            return n_edges >= self.recompute_min_edges
-        total_mb = device_memory_mb(device)
-        return total_mb is not None and self._kept_mb(n_edges, KEPT_MB_PER_EDGE) > (
-            RECOMPUTE_MEMORY_FRACTION * total_mb)
-
-    def kept_mb(self, n_edges: int, device=None) -> float:
-        """Memory (MB) autograd keeps for a differentiated call over `n_edges` edges."""
-        per_edge = (KEPT_MB_PER_EDGE_RECOMPUTED if self.recomputes(n_edges, device)
-                    else KEPT_MB_PER_EDGE)
-        return self._kept_mb(n_edges, per_edge)
-
-    def _kept_mb(self, n_edges: int, per_edge_mb: float) -> float:
-        return n_edges * per_edge_mb * len(self.messages) / 3 * self.width / 64
+    def kept_mb_per_edge(self, recomputed: bool) -> float:
+        per_edge = KEPT_MB_PER_EDGE_RECOMPUTED if recomputed else KEPT_MB_PER_EDGE
+        return per_edge * len(self.messages) / 3 * self.width / 64
 
     def forward(self, pos, cell, numbers, sigma, edge_index, edge_shift, batch=None):
         n = pos.shape[0]
-        if batch is None:
-            batch = torch.zeros(n, dtype=torch.long, device=pos.device)
-        sigma = torch.as_tensor(sigma, dtype=pos.dtype, device=pos.device)
-        sigma_atom = sigma.expand(n) if sigma.ndim == 0 else sigma.reshape(n)
-        vec = edge_vectors(pos, cell.to(pos.dtype), edge_index, edge_shift.to(pos.dtype), batch)
-        length = vec.norm(dim=-1)
-        keep = length < self.cutoff_A  # a graph built with a Verlet skin has longer edges
-        if not bool(keep.all()):
-            vec, length, edge_index = vec[keep], length[keep], edge_index[:, keep]
+        sigma_atom, batch, vec, length, edge_index = edges_within_cutoff(
+            pos, cell, sigma, edge_index, edge_shift, batch, self.cutoff_A)
         unit = vec / length.clamp_min(1e-6).unsqueeze(-1)
         noise_feat = self.noise_embedding(sigma_atom)
         radial = self.basis(length)
@@ -146,7 +121,7 @@ class PaiNNScoreModel(nn.Module):
         s = self.species_embedding(numbers.clamp(0, self.species_embedding.num_embeddings - 1))
         s = s + self.noise_mlp(noise_feat)
         if self.angular is not None:
-            radial_cut = radial * (self.basis.envelope(length) * self.message_scale).unsqueeze(1)
+            radial_cut = radial * envelope.unsqueeze(1)
             s = s + self.angular_mlp(self.angular(unit, radial_cut, edge_index[0], n))
         if self.density_embedding is not None:
             s = s + self.density_embedding(numbers, cell.to(pos.dtype), batch)

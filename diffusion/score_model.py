@@ -36,6 +36,47 @@ memory (a 3·10⁴-atom cell on a 23 GB machine does, a 10⁴-atom cell does not
 surrogate needs its own share of the same step)."""
 
 
+class RecomputesMessages:
+    """Mixin of score models whose differentiated pass can recompute its messages in the
+    backward pass instead of keeping them: subclasses give `kept_mb_per_edge(recomputed)`."""
+
+    recompute_min_edges: int | None = None  # None: decided by memory (`recomputes`)
+
+    def kept_mb_per_edge(self, recomputed: bool) -> float:
+        raise NotImplementedError
+
+    def recomputes(self, n_edges: int, device=None) -> bool:
+        """Whether a differentiated pass over `n_edges` edges recomputes its messages in the
+        backward pass: from `recompute_min_edges` edges if set, else when the messages kept
+        for it would take more than `RECOMPUTE_MEMORY_FRACTION` of the device's memory."""
+        if self.recompute_min_edges is not None:
+            return n_edges >= self.recompute_min_edges
+        total_mb = device_memory_mb(device)
+        return total_mb is not None and n_edges * self.kept_mb_per_edge(False) > (
+            RECOMPUTE_MEMORY_FRACTION * total_mb)
+
+    def kept_mb(self, n_edges: int, device=None) -> float:
+        """Memory (MB) autograd keeps for a differentiated call over `n_edges` edges."""
+        return n_edges * self.kept_mb_per_edge(self.recomputes(n_edges, device))
+
+
+def edges_within_cutoff(pos, cell, sigma, edge_index, edge_shift, batch, cutoff_A: float):
+    """What every score model reads first: per-atom σ (N,) Å, the cell index of each atom (N,),
+    and the edges shorter than `cutoff_A` (a graph built with a Verlet skin has longer ones):
+    their vectors (E,3) Å, lengths (E,) Å and indices (2,E)."""
+    n = pos.shape[0]
+    if batch is None:
+        batch = torch.zeros(n, dtype=torch.long, device=pos.device)
+    sigma = torch.as_tensor(sigma, dtype=pos.dtype, device=pos.device)
+    sigma_atom = sigma.expand(n) if sigma.ndim == 0 else sigma.reshape(n)
+    vec = edge_vectors(pos, cell.to(pos.dtype), edge_index, edge_shift.to(pos.dtype), batch)
+    length = vec.norm(dim=-1)
+    keep = length < cutoff_A
+    if not bool(keep.all()):
+        vec, length, edge_index = vec[keep], length[keep], edge_index[:, keep]
+    return sigma_atom, batch, vec, length, edge_index
+
+
 class BesselBasis(nn.Module):
     """sin(nπr/c)/r radial basis times a smooth polynomial envelope that vanishes at r = c."""
 
@@ -235,7 +276,7 @@ class Interaction(nn.Module):
         return h + out if self.residual else out
 
 
-class EquivariantScoreModel(nn.Module):
+class EquivariantScoreModel(RecomputesMessages, nn.Module):
     """Score network s_θ(x, σ) for atoms in periodic cells.
 
     `forward(pos (N,3) Å, cell (B,3,3) Å, numbers (N,), sigma (N,) Å or scalar, edge_index (2,E),
@@ -274,37 +315,16 @@ class EquivariantScoreModel(nn.Module):
             irreps_in = str(hidden)
         self.layers = nn.ModuleList(layers)
         self.readout = o3.Linear(hidden, "1x1o")
-        self.recompute_min_edges: int | None = None  # None: decided by memory (`recomputes`)
 
     def config(self) -> dict:
         return dict(self._config)
 
-    def recomputes(self, n_edges: int, device=None) -> bool:
-        """Whether a differentiated pass over `n_edges` edges recomputes its messages in the
-        backward pass: from `recompute_min_edges` edges if set, else when the messages kept
-        for it would take more than `RECOMPUTE_MEMORY_FRACTION` of the device's memory."""
-        if self.recompute_min_edges is not None:
-            return n_edges >= self.recompute_min_edges
-        total_mb = device_memory_mb(device)
-        return total_mb is not None and n_edges * KEPT_MB_PER_EDGE > (
-            RECOMPUTE_MEMORY_FRACTION * total_mb)
-
-    def kept_mb(self, n_edges: int, device=None) -> float:
-        """Memory (MB) autograd keeps for a differentiated call over `n_edges` edges."""
-        recomputed = self.recomputes(n_edges, device)
-        return n_edges * (KEPT_MB_PER_EDGE_RECOMPUTED if recomputed else KEPT_MB_PER_EDGE)
+    def kept_mb_per_edge(self, recomputed: bool) -> float:
+        return KEPT_MB_PER_EDGE_RECOMPUTED if recomputed else KEPT_MB_PER_EDGE
 
     def forward(self, pos, cell, numbers, sigma, edge_index, edge_shift, batch=None):
-        n = pos.shape[0]
-        if batch is None:
-            batch = torch.zeros(n, dtype=torch.long, device=pos.device)
-        sigma = torch.as_tensor(sigma, dtype=pos.dtype, device=pos.device)
-        sigma_atom = sigma.expand(n) if sigma.ndim == 0 else sigma.reshape(n)
-        vec = edge_vectors(pos, cell.to(pos.dtype), edge_index, edge_shift.to(pos.dtype), batch)
-        length = vec.norm(dim=-1)
-        keep = length < self.cutoff_A  # a graph built with a Verlet skin has longer edges
-        if not bool(keep.all()):
-            vec, length, edge_index = vec[keep], length[keep], edge_index[:, keep]
+        sigma_atom, batch, vec, length, edge_index = edges_within_cutoff(
+            pos, cell, sigma, edge_index, edge_shift, batch, self.cutoff_A)
         edge_sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True,
                                          normalization="component")
         noise_feat = self.noise_embedding(sigma_atom)

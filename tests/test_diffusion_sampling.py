@@ -138,12 +138,22 @@ def test_shipped_priors_load_by_name_and_differ():
                      "without_2.5": ("EquivariantScoreModel", 3)}
 
 
+def _score_call_args(n_atoms: int = 30, cutoff_A: float = 3.0) -> tuple:
+    """Arguments of a score model call on random carbon atoms in a 7 Å cubic cell."""
+    from xanesdiff.datasets.graph import periodic_graph
+
+    cell = torch.eye(3) * 7.0
+    pos = torch.rand((n_atoms, 3), generator=torch.Generator().manual_seed(1)) @ cell
+    numbers = torch.full((n_atoms,), 6)
+    g = periodic_graph(pos, cell, numbers, cutoff_A)
+    return pos, cell[None], numbers, torch.tensor(0.3), g.edge_index, g.edge_shift.float()
+
+
 def test_deep_copied_high_order_model_saves_and_loads(tmp_path):
     """An EMA copy (deepcopy) of a model with l = 2, 3 features lists e3nn's generated constants
     in its state; its checkpoint must still load into a fresh model and give the same scores."""
     import copy
 
-    from xanesdiff.datasets.graph import periodic_graph
     from xanesdiff.diffusion.schedule import VESchedule
     from xanesdiff.diffusion.score_model import EquivariantScoreModel
 
@@ -155,11 +165,7 @@ def test_deep_copied_high_order_model_saves_and_loads(tmp_path):
     assert any("_tensor_constant" in k for k in ema.state_dict())
     path = save_prior(tmp_path / "angular.pt", ema, VESchedule())
     loaded = load_prior(path).score_model
-    cell = torch.eye(3) * 7.0
-    pos = torch.rand((30, 3), generator=torch.Generator().manual_seed(1)) @ cell
-    numbers = torch.full((30,), 6)
-    g = periodic_graph(pos, cell, numbers, 3.0)
-    args = (pos, cell[None], numbers, torch.tensor(0.3), g.edge_index, g.edge_shift.float())
+    args = _score_call_args()
     torch.testing.assert_close(loaded(*args), ema(*args))
 
 
@@ -167,7 +173,6 @@ def test_painn_prior_saves_loads_and_an_unknown_class_is_refused(tmp_path):
     """A prior checkpoint names its score model's class; a PaiNN prior comes back as one, with
     the same scores, and a class this version does not have (or one outside xanesdiff) is a
     clear error."""
-    from xanesdiff.datasets.graph import periodic_graph
     from xanesdiff.diffusion.painn_score_model import PaiNNScoreModel
     from xanesdiff.diffusion.schedule import VESchedule
 
@@ -176,11 +181,7 @@ def test_painn_prior_saves_loads_and_an_unknown_class_is_refused(tmp_path):
     path = save_prior(tmp_path / "painn.pt", model, VESchedule())
     loaded = load_prior(path).score_model
     assert isinstance(loaded, PaiNNScoreModel) and loaded.config() == model.config()
-    cell = torch.eye(3) * 7.0
-    pos = torch.rand((30, 3), generator=torch.Generator().manual_seed(1)) @ cell
-    numbers = torch.full((30,), 6)
-    g = periodic_graph(pos, cell, numbers, 3.0)
-    args = (pos, cell[None], numbers, torch.tensor(0.3), g.edge_index, g.edge_shift.float())
+    args = _score_call_args()
     torch.testing.assert_close(loaded(*args), model(*args))
     payload = torch.load(path, weights_only=False)
     assert payload["score_model"]["target"] == (
