@@ -9,8 +9,8 @@ steps plus 4 restart rounds of 25 steps, the graph rebuilt every step, and a 3-l
 forward GNN whose spectrum-loss gradient is added at every step. Its structures are not judged
 (untrained weights); xanesdiff's fidelity is reported against the 2.5 g/cm³ network, and its
 spectral match by the default surrogate and the independent judge. Variants of `generate`
-(`VARIANTS`: the shipped defaults, the `fast` guidance surrogate, the 50-step
-`pc_quick` sampler) run in the same process.
+(`VARIANTS`: the shipped defaults, the `fast` guidance surrogate, the 50-step `pc_quick`
+sampler, and the PaiNN prior with each; `--variants` picks some) run in the same process.
 """
 
 from __future__ import annotations
