@@ -5,8 +5,10 @@ cell's mass density; edge vectors with periodic image shifts), but the atoms car
 F vectors instead of e3nn irreps, and messages are products of dense layers with the edge's unit
 vector rather than Clebsch–Gordan tensor products: several times cheaper per score call on a CPU.
 Output: one vector per atom, a σ-free mix of its vector channels whose weights its scalars set,
-divided by σ (score in 1/Å). Equivariant by construction, invariant to translations, images and
-atom order.
+divided by σ (score in 1/Å). Optionally (`angular_lmax`), each atom's first scalars also get
+the power spectrum of its neighbour directions (`AngularInvariants`), which tells tetrahedral
+from planar order. Equivariant by construction, invariant to translations, images and atom
+order.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+from e3nn import o3
 from torch import nn
 
 from xanesdiff.diffusion.score_model import (BesselBasis, DensityEmbedding, NoiseEmbedding,
@@ -39,8 +42,6 @@ class AngularInvariants(nn.Module):
 
     def __init__(self, lmax: int, n_radial: int):
         super().__init__()
-        from e3nn import o3
-
         self.irreps = o3.Irreps.spherical_harmonics(lmax)
         self.lmax, self.n_radial = int(lmax), int(n_radial)
         self.register_buffer("degree", torch.cat([torch.full((2 * l + 1,), l)
@@ -51,8 +52,6 @@ class AngularInvariants(nn.Module):
         return (self.lmax + 1) * self.n_radial
 
     def forward(self, unit, radial, centre, n_atoms: int):
-        from e3nn import o3
-
         harmonics = o3.spherical_harmonics(self.irreps, unit, normalize=False,
                                            normalization="component")
         terms = (harmonics.unsqueeze(2) * radial.unsqueeze(1)).flatten(1)  # (E, M·n_radial)
