@@ -87,6 +87,7 @@ class PriorModule(L.LightningModule):
         self.schedule = schedule
         self.lr, self.ema_decay = lr, ema_decay
         self.warmup_steps, self.total_steps, self.lr_min_ratio = warmup_steps, total_steps, lr_min_ratio
+        self.skipped_in_a_row = 0  # non-finite losses since the last finite one
 
     def forward(self, data, model=None):
         model = model or self.score_model
@@ -101,7 +102,7 @@ class PriorModule(L.LightningModule):
         if not torch.isfinite(loss):
             # skip the batch (no backward, no optimiser step): one bad draw must not poison the
             # weights; a run that keeps producing them has diverged and stops with an error
-            self.skipped_in_a_row = getattr(self, "skipped_in_a_row", 0) + 1
+            self.skipped_in_a_row += 1
             self.log("train/skipped", float(self.skipped_in_a_row), batch_size=1)
             if self.skipped_in_a_row >= self.max_skipped_in_a_row:
                 raise FloatingPointError(
