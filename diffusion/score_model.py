@@ -21,6 +21,7 @@ from e3nn.nn import FullyConnectedNet, Gate
 from torch import nn
 
 from xanesdiff.datasets.graph import add_rows, edge_vectors
+from xanesdiff.numerics import gaussians
 from xanesdiff.runtime import device_memory_mb
 
 KEPT_MB_PER_EDGE = 0.014
@@ -110,8 +111,7 @@ class NoiseEmbedding(nn.Module):
         self.width = (log_sigma_max - log_sigma_min) / (n_features - 1)
 
     def forward(self, sigma_A: torch.Tensor) -> torch.Tensor:
-        x = torch.log(sigma_A.clamp_min(1e-6)).unsqueeze(-1)
-        return torch.exp(-0.5 * ((x - self.centers) / self.width) ** 2)
+        return gaussians(torch.log(sigma_A.clamp_min(1e-6)), self.centers, self.width)
 
 
 class DensityEmbedding(nn.Module):
@@ -140,8 +140,7 @@ class DensityEmbedding(nn.Module):
     def forward(self, numbers, cell, batch):
         masses = self.masses_amu.to(cell.dtype)[numbers.clamp(0, self.masses_amu.numel() - 1)]
         rho = self.cell_density_g_cm3(masses, cell, batch)[batch]
-        feats = torch.exp(-0.5 * ((rho.unsqueeze(-1) - self.centers) / self.width) ** 2)
-        return self.mlp(feats)
+        return self.mlp(gaussians(rho, self.centers, self.width))
 
 
 class Interaction(nn.Module):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from xanesdiff.datasets.graph import add_rows, periodic_neighbor_list
+from xanesdiff.numerics import gaussians
 
 
 def cosine_cutoff(r: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -115,8 +116,8 @@ class RadialAngularDescriptor(nn.Module):
     def _radial_terms(self, r: torch.Tensor) -> torch.Tensor:
         """(E_block, n_radial) switched Gaussians of the edges' lengths r (Å)."""
         centres = self.radial_centres_A.to(r.dtype)
-        gauss = torch.exp(-0.5 * ((r[:, None] - centres) / self.radial_width_A) ** 2)
-        return gauss * switch_cutoff(r, self.cutoff_A - self.taper_A, self.cutoff_A)[:, None]
+        switch = switch_cutoff(r, self.cutoff_A - self.taper_A, self.cutoff_A)
+        return gaussians(r, centres, self.radial_width_A) * switch[:, None]
 
     def _angular_terms(self, rc: float, a: torch.Tensor, b: torch.Tensor, vec: torch.Tensor,
                        r: torch.Tensor) -> torch.Tensor:
@@ -127,8 +128,7 @@ class RadialAngularDescriptor(nn.Module):
         weight = (switch_cutoff(r[a], rc - self.taper_A, rc)
                   * switch_cutoff(r[b], rc - self.taper_A, rc))
         centres = self.angular_centres_rad.to(r.dtype)
-        g = torch.exp(-0.5 * ((theta[:, None] - centres) / self.angular_width_rad) ** 2)
-        return g * weight[:, None]
+        return gaussians(theta, centres, self.angular_width_rad) * weight[:, None]
 
     @torch.no_grad()
     def features_of_atoms(self, atoms) -> torch.Tensor:

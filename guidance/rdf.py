@@ -14,6 +14,7 @@ import torch
 
 from xanesdiff.datasets.graph import edge_vectors, periodic_neighbor_list
 from xanesdiff.guidance.base import GuidanceTerm
+from xanesdiff.numerics import gaussians
 
 
 def smooth_rdf(pos_A: torch.Tensor, cell_A: torch.Tensor, r_A: torch.Tensor,
@@ -27,8 +28,7 @@ def smooth_rdf(pos_A: torch.Tensor, cell_A: torch.Tensor, r_A: torch.Tensor,
     cell_A = cell_A.to(pos_A)
     vec = edge_vectors(pos_A, cell_A, edge_index, torch.from_numpy(shift).to(pos_A))
     d = vec.norm(dim=1)
-    kernel = torch.exp(-0.5 * ((r_A[None, :] - d[:, None]) / width_A) ** 2)
-    kernel = kernel / (width_A * math.sqrt(2 * math.pi))
+    kernel = gaussians(d, r_A, width_A) / (width_A * math.sqrt(2 * math.pi))
     n = pos_A.shape[0]
     volume = torch.abs(torch.det(cell_A.reshape(3, 3)))
     shell = 4 * math.pi * r_A ** 2
