@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 from xanesdiff.datasets.graph import add_rows, periodic_neighbor_list
 from xanesdiff.forward.descriptor import cosine_cutoff
@@ -31,37 +32,65 @@ class PaiNNMessage(nn.Module):
     """Edges per block of a recomputed pass."""
 
     def forward(self, s, v, src, dst, unit, rbf, fcut, recompute: bool = False):
-        """`recompute`: sum the messages block by block (`edge_block` edges) and keep none of
-        a block's intermediates for the backward pass, computing them again there (same values
-        and gradients; memory of one block instead of every edge's)."""
+        """`v` None: every vector channel is zero (a first layer), whose messages then skip
+        the neighbours' vectors. `recompute`: sum the messages block by block (`edge_block`
+        edges) and keep none of a block's intermediates for the backward pass, computing them
+        again there (same values and gradients; memory of one block instead of every edge's)."""
+        if v is None:
+            v = s.new_zeros(s.shape[0], 3, self.width)
+            zero_vectors = True
+        else:
+            zero_vectors = False
         if recompute:
-            return self._recomputed(s, v, src, dst, unit, rbf, fcut)
-        ds, dv = self._messages(self.phi(s), v, dst, unit, rbf, fcut)
+            return self._recomputed(s, v, src, dst, unit, rbf, fcut, zero_vectors)
+        ds, dv = self._messages(self._neighbour_parts(s), None if zero_vectors else v, dst,
+                                unit, rbf, fcut)
         return s.index_add(0, src, ds), v.index_add(0, src, dv)
 
-    def _messages(self, phi, v, dst, unit, rbf, fcut):
-        """Each edge's scalar (E, F) and vector (E, 3, F) message from the neighbours' φ(s)."""
-        # index_select, not phi[dst]: the same gather, several times faster on a CPU; the
-        # three message parts are split as contiguous rows before the sums (≈1.7× faster)
-        x = phi.index_select(0, dst) * (self.filter(rbf) * fcut.unsqueeze(1))
-        ds, dvv, dvs = x.view(-1, 3, self.width).unbind(1)
-        dv = torch.addcmul(unit.unsqueeze(2) * dvs.unsqueeze(1), v.index_select(0, dst),
-                           dvv.unsqueeze(1))
-        return ds.contiguous(), dv
+    def _neighbour_parts(self, s):
+        """φ(s) (N, 3F) as its three (N, F) parts — scalar message, vector mixing, direction —
+        each computed contiguous on its own."""
+        hidden = self.phi[1](self.phi[0](s))
+        out = self.phi[2]
+        return tuple(functional.linear(hidden, weight, bias) for weight, bias
+                     in zip(out.weight.split(self.width), out.bias.split(self.width)))
 
-    def _edge_terms(self, phi, v, dst, unit, rbf, fcut):
-        """One block's messages (E_block, 4F): the scalar part, then the vector part flat."""
-        ds, dv = self._messages(phi, v, dst, unit, rbf, fcut)
+    def _messages(self, phi_parts, v, dst, unit, rbf, fcut):
+        """Each edge's scalar (E, F) and vector (E, 3, F) message from the neighbours' φ(s)
+        parts and vectors `v` (None: all zero, and the vector-mixing part is skipped)."""
+        # the filter (W·rbf + b)·fcut is computed as [W b]·[rbf·fcut, fcut]: no (E, 3F) product
+        # with fcut; each part is its own (E, F) product, so the backward pass never stacks the
+        # parts into (E, 3F) (together ≈1.3× faster than one (E, 3F) message split in three).
+        # index_select, not phi[dst]: the same gather, several times faster on a CPU.
+        edge = torch.cat([rbf * fcut.unsqueeze(1), fcut.unsqueeze(1)], dim=1)
+        filters = torch.cat([self.filter.weight, self.filter.bias.unsqueeze(1)], dim=1)
+        filters = filters.split(self.width)
+
+        def part(k):
+            return phi_parts[k].index_select(0, dst) * functional.linear(edge, filters[k])
+
+        ds = part(0)
+        dv = unit.unsqueeze(2) * part(2).unsqueeze(1)
+        if v is not None:
+            dv = torch.addcmul(dv, v.index_select(0, dst), part(1).unsqueeze(1))
+        return ds, dv
+
+    def _edge_terms(self, phi_s, phi_vv, phi_vs, v, dst, unit, rbf, fcut):
+        """One block's messages (E_block, 4F): the scalar part, then the vector part flat.
+        (φ's parts come one by one: a recomputed block differentiates only tensor arguments.)"""
+        ds, dv = self._messages((phi_s, phi_vv, phi_vs), v, dst, unit, rbf, fcut)
         return torch.cat([ds, dv.reshape(-1, 3 * self.width)], dim=1)
 
-    def _recomputed(self, s, v, src, dst, unit, rbf, fcut):
+    def _recomputed(self, s, v, src, dst, unit, rbf, fcut, zero_vectors: bool):
         n, width = s.shape
-        phi = self.phi(s)
+        phi = self._neighbour_parts(s)
         state = torch.cat([s, v.reshape(n, 3 * width)], dim=1)
+        neighbour_vectors = None if zero_vectors else v
         for start in range(0, src.numel(), self.edge_block):
             block = slice(start, start + self.edge_block)
             state = add_rows(state, src[block], self._edge_terms,
-                             (phi, v, dst[block], unit[block], rbf[block], fcut[block]),
+                             (*phi, neighbour_vectors, dst[block], unit[block], rbf[block],
+                              fcut[block]),
                              recompute=True, params=tuple(self.filter.parameters()))
         return state[:, :width], state[:, width:].reshape(n, 3, width)
 
@@ -118,7 +147,7 @@ class ScratchGNN(nn.Module):
         rbf = torch.sin(r[:, None] * self.frequencies.to(pos.dtype)) / r[:, None]
         fcut = cosine_cutoff(r, self.cutoff_A)
         s = self.embedding(torch.as_tensor(numbers, device=pos.device).long()).to(pos.dtype)
-        v = torch.zeros(pos.shape[0], 3, self.width, dtype=pos.dtype, device=pos.device)
+        v = None  # zero vectors: the first layer's messages skip them
         for message, update in zip(self.messages, self.updates):
             s, v = message(s, v, src, dst, unit, rbf, fcut)
             s, v = update(s, v)

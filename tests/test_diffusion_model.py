@@ -744,3 +744,28 @@ def test_angular_invariants_tell_tetrahedral_from_planar_and_ignore_rotation():
     for units, ref in ((tetrahedral, tet), (planar, pla)):
         turned = (units @ rot.T)[torch.randperm(len(units))]
         torch.testing.assert_close(power(turned), ref, rtol=1e-6, atol=1e-9)  # float32 rotation
+
+
+def test_painn_message_with_no_vectors_equals_zero_vectors():
+    """A first layer passes `v=None` (all vectors zero) and skips the neighbours' vectors: the
+    same messages and gradients as explicit zero vectors, plain and recomputed."""
+    from xanesdiff.forward.gnn_scratch import PaiNNMessage
+
+    torch.manual_seed(3)
+    layer = PaiNNMessage(width=8, n_rbf=5).double()
+    n, e = 6, 20
+    s = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    src, dst = torch.randint(0, n, (e,)), torch.randint(0, n, (e,))
+    unit = torch.nn.functional.normalize(torch.randn(e, 3, dtype=torch.float64), dim=1)
+    rbf = torch.randn(e, 5, dtype=torch.float64, requires_grad=True)
+    fcut = torch.rand(e, dtype=torch.float64)
+    zeros = torch.zeros(n, 3, 8, dtype=torch.float64)
+    for recompute in (False, True):
+        results = []
+        for v in (None, zeros):
+            s_out, v_out = layer(s, v, src, dst, unit, rbf, fcut, recompute=recompute)
+            loss = (s_out ** 3).sum() + (v_out ** 2).sum()
+            results.append((s_out, v_out, *torch.autograd.grad(loss, [s, rbf])))
+        for ours, explicit in zip(*results):
+            torch.testing.assert_close(ours, explicit)
+    assert results[0][1].abs().max() > 0  # the direction part still makes vectors
