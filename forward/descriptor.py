@@ -101,12 +101,16 @@ class RadialAngularDescriptor(nn.Module):
         i, j, shifts, _ = periodic_neighbor_list(pos.detach().cpu().double().numpy(),
                                                  cell.detach().cpu().double().numpy(), self.cutoff_A)
         src, dst = torch.from_numpy(i).to(pos.device), torch.from_numpy(j).to(pos.device)
-        vec = pos[dst] + torch.from_numpy(shifts).to(pos) @ cell.reshape(3, 3) - pos[src]
+        # index_select, not pos[dst]: its backward is an index_add, where x[index]'s is an
+        # accumulating index_put, several times slower (and sorted, in deterministic mode)
+        vec = (pos.index_select(0, dst) + torch.from_numpy(shifts).to(pos) @ cell.reshape(3, 3)
+               - pos.index_select(0, src))
         r = vec.norm(dim=1)
         parts = [summed_in_blocks(self._radial_terms, pos.new_zeros(n, self.n_radial), src, (r,))]
         for rc in self.angular_cutoffs_A:
             inside = torch.nonzero(r < rc).squeeze(1)
-            s_src, s_vec, s_r = src[inside], vec[inside], r[inside]
+            s_src = src[inside]
+            s_vec, s_r = vec.index_select(0, inside), r.index_select(0, inside)
             a, b = neighbour_pairs(s_src, n)
             parts.append(summed_in_blocks(partial(self._angular_terms, rc),
                                           pos.new_zeros(n, self.n_angular), s_src[a], (a, b),
@@ -123,10 +127,11 @@ class RadialAngularDescriptor(nn.Module):
                        r: torch.Tensor) -> torch.Tensor:
         """(P_block, n_angular) Gaussians of the angles between bonds a and b inside `rc` Å,
         weighted by both bonds' switches."""
-        cos = (vec[a] * vec[b]).sum(1) / (r[a] * r[b])
+        r_a, r_b = r.index_select(0, a), r.index_select(0, b)
+        cos = (vec.index_select(0, a) * vec.index_select(0, b)).sum(1) / (r_a * r_b)
         theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
-        weight = (switch_cutoff(r[a], rc - self.taper_A, rc)
-                  * switch_cutoff(r[b], rc - self.taper_A, rc))
+        r_on = rc - self.taper_A
+        weight = switch_cutoff(r_a, r_on, rc) * switch_cutoff(r_b, r_on, rc)
         centres = self.angular_centres_rad.to(r.dtype)
         return gaussians(theta, centres, self.angular_width_rad) * weight[:, None]
 
