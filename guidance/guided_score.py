@@ -17,25 +17,32 @@ class GuidedScore:
     `refresh_every` > 1 recomputes the guidance (surrogate and denoiser backward passes) only on
     every k-th guided call and reuses the last contribution in between: a cheaper, lagged
     guidance for consecutive steps whose positions barely move.
+
+    `max_t` (None: off) cuts every term's time window at that diffusion time: no guidance,
+    and no guidance cost, above it.
     """
 
     def __init__(self, prior, cell_A: torch.Tensor, numbers: torch.Tensor, terms: list,
                  through_denoiser: bool = True, max_ratio: float | None = 2.0,
-                 refresh_every: int = 1):
+                 refresh_every: int = 1, max_t: float | None = None):
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be ≥ 1, got {refresh_every}")
+        if max_t is not None and not 0 < max_t <= 1:
+            raise ValueError(f"max_t must lie in (0, 1] or be None, got {max_t}")
         self.prior, self.cell, self.numbers = prior, cell_A, numbers
         self.terms = list(terms)
         self.through_denoiser = through_denoiser
         self.max_ratio = max_ratio
         self.refresh_every = int(refresh_every)
+        self.max_t = None if max_t is None else float(max_t)
         self.history: list[dict] = []
         self._guided_calls = 0
         self._last_contribution: torch.Tensor | None = None
 
     def __call__(self, pos_A: torch.Tensor, t: float) -> torch.Tensor:
         t = float(t)
-        active = [term for term in self.terms if term.schedule(t) > 0]
+        beyond_window = self.max_t is not None and t > self.max_t
+        active = [] if beyond_window else [term for term in self.terms if term.schedule(t) > 0]
         if not active:
             with torch.no_grad():
                 return self.prior.score(pos_A, self.cell, self.numbers, t)

@@ -68,12 +68,13 @@ class GuidedGenerator:
 
     def __init__(self, prior, surrogate, terms: list, sampler=None, n_atoms: int = 216,
                  element: str = "C", through_denoiser: bool = True,
-                 max_ratio: float | None = 2.0, refresh_every: int = 1):
+                 max_ratio: float | None = 2.0, refresh_every: int = 1,
+                 max_t: float | None = None):
         self.prior, self.surrogate, self.terms = prior, surrogate, list(terms)
         self.sampler = sampler or default_sampler(prior.schedule)
         self.n_atoms, self.element = n_atoms, element
         self.through_denoiser, self.max_ratio = through_denoiser, max_ratio
-        self.refresh_every = refresh_every
+        self.refresh_every, self.max_t = refresh_every, max_t
         surrogate_device = getattr(surrogate, "device", None)
         if surrogate_device is not None and surrogate_device != prior.device:
             raise ValueError(f"the prior runs on {prior.device} and the surrogate on "
@@ -149,7 +150,7 @@ class GuidedGenerator:
             fit_kept_memory(guided_step_mb(self.surrogate, self.prior.score_model, n, cell,
                                            device), device=device)
         score_fn = GuidedScore(self.prior, cell_t, numbers, terms, self.through_denoiser,
-                               self.max_ratio, self.refresh_every)
+                               self.max_ratio, self.refresh_every, self.max_t)
         self.prior.neighbors.clear()
         density = density_of_cell(n, cell, self.element)
         pos = self.sampler.sample(pos, score_fn, wrap_fn or (lambda x: wrap_positions(x, cell_t)),

@@ -173,4 +173,5 @@ def make_generator(cfg: DictConfig, prior, surrogate, terms: list, n_atoms: int 
                            n_atoms=int(n_atoms or cfg.n_atoms),
                            through_denoiser=cfg.guided_score.through_denoiser,
                            max_ratio=cfg.guided_score.max_ratio,
-                           refresh_every=cfg.guided_score.refresh_every)
+                           refresh_every=cfg.guided_score.refresh_every,
+                           max_t=cfg.guided_score.get("max_t"))

@@ -137,7 +137,8 @@ def generate_item(item: PlanItem, ctx: _Context) -> tuple[object, dict, dict]:
                                 n_atoms=item.n_atoms,
                                 through_denoiser=cfg.guided_score.through_denoiser,
                                 max_ratio=cfg.guided_score.max_ratio,
-                                refresh_every=cfg.guided_score.get("refresh_every", 1))
+                                refresh_every=cfg.guided_score.get("refresh_every", 1),
+                                max_t=cfg.guided_score.get("max_t"))
     set_relative_references(terms, generator, target, item.density_g_cm3, item.seed)
     atoms, gen_log = generator.generate(item.density_g_cm3, item.seed)
 

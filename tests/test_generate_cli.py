@@ -386,3 +386,43 @@ def test_a_cell_whose_validation_would_not_fit_is_refused_before_sampling(monkey
         check_validation_fits(10**6, 2.5, {"models.validator": histograms,
                                           "models.judge": m3gnet}, cpu)
     assert "1000000-atom" in str(refused.value)
+
+
+def test_rapid_preset_sets_the_fast_models_sampler_and_window_and_yields_to_overrides():
+    from hydra import compose, initialize_config_module
+
+    from xanesdiff.guidance.request import compose_generate_config
+
+    rapid = compose_generate_config(["preset=rapid"])
+    assert (rapid.models.prior, rapid.models.surrogate) == ("painn", "fast")
+    assert (rapid.sampler.n_steps, rapid.sampler.n_corrector,
+            rapid.sampler.final_corrector_steps) == (50, 1, 2)
+    assert (rapid.guided_score.refresh_every, rapid.guided_score.max_t) == (2, 0.6)
+    default = compose_generate_config([])
+    assert (default.models.prior, default.sampler.n_steps, default.guided_score.max_t) == (
+        "default", 100, None)
+    mine = compose_generate_config(["preset=rapid", "models.prior=default", "sampler.n_steps=7"])
+    assert (mine.models.prior, mine.sampler.n_steps, mine.sampler.n_corrector) == ("default", 7, 1)
+    with initialize_config_module("xanesdiff.configs", version_base="1.3"):
+        library = compose("library", overrides=["preset=rapid"])
+    assert (library.models.prior, library.sampler.n_corrector,
+            library.guided_score.max_t) == ("painn", 1, 0.6)
+
+
+def test_rapid_preset_guides_only_below_its_max_t(tiny_models, tmp_path):
+    """End to end with the preset's sampler and window (tiny models given on the command line):
+    guidance is recomputed once per step, and only at t ≤ 0.6."""
+    from xanesdiff.diffusion.samplers import PredictorCorrector
+    from xanesdiff.diffusion.schedule import VESchedule
+
+    target = REPO / "examples" / "target_rho2.5.csv"
+    run_generate(tiny_models, tmp_path / "run", "preset=rapid", f"target={target}", "n=1",
+                 "density=2.5", "sampler.n_steps=6", "sampler.n_corrector=1",
+                 "sampler.final_corrector_steps=2")
+    frame = ase.io.read(tmp_path / "run" / "structures.extxyz")
+    grid = PredictorCorrector(VESchedule(0.8), n_steps=6, t_end=0.04).time_grid()
+    calls = [t for t_now, t_next in zip(grid[:-1], grid[1:]) for t in (t_now, t_next)]
+    calls += [grid[-1]] * 3  # two final corrector steps and the denoising step
+    guided_calls = sum(t <= 0.6 for t in calls)
+    assert 0 < guided_calls < len(calls)
+    assert frame.info["guided_steps"] == (guided_calls + 1) // 2

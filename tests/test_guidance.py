@@ -212,6 +212,27 @@ def test_lagged_guidance_reuses_the_last_contribution():
     assert len(lagged.history) == 2
 
 
+def test_max_t_cuts_every_term_window_and_its_cost():
+    """Above `max_t` the guided score is the prior's and no term runs; at or below it the
+    terms guide as without the cut."""
+    prior = tiny_prior()
+    surrogate = ToySurrogate()
+    pos, cell, numbers = random_carbon(20, seed=7)
+    term = SpectrumLikelihood(surrogate, torch.zeros(TOY_GRID.n_points, dtype=torch.float64),
+                              sigma_obs=0.5, schedule=TimeWindow(strength=1.0, t_max=0.6,
+                                                                 ramp=0.2))
+    cut = GuidedScore(prior, cell, numbers, [term], max_ratio=None, max_t=0.6)
+    uncut = GuidedScore(prior, cell, numbers, [term], max_ratio=None)
+    prior_score = prior.score(pos, cell, numbers, 0.7)
+    assert not torch.allclose(uncut(pos, 0.7), prior_score)  # inside the term's ramp
+    torch.testing.assert_close(cut(pos, 0.7), prior_score)
+    assert cut.history == []  # the term never ran
+    torch.testing.assert_close(cut(pos, 0.6), uncut(pos, 0.6))
+    assert len(cut.history) == 1
+    with pytest.raises(ValueError, match="max_t"):
+        GuidedScore(prior, cell, numbers, [term], max_t=0.0)
+
+
 def pi_star_generator():
     """A tiny prior guided toward a higher π* window intensity of the toy surrogate (24 atoms)."""
     from xanesdiff.diffusion.samplers import EulerMaruyama
