@@ -68,17 +68,31 @@ class DensityCooling:
 @dataclass(frozen=True)
 class DenseCellSteps:
     """More steps for denser cells: in a cell at or above `from_g_cm3` (g/cm³) every step count
-    of a sampler (its predictor steps, the corrector steps after each, restart steps) is
-    multiplied by `factor`, so a denser network, slower to equilibrate, gets a longer run.
-    A partial run (from a partly noised structure) is multiplied alike."""
+    of a sampler (its predictor steps, the corrector steps after each, restart steps), or only
+    those named in `counts` (e.g. `["n_corrector"]`), is multiplied by `factor`, so a denser
+    network, slower to equilibrate, gets a longer run. A partial run (from a partly noised
+    structure) is multiplied alike."""
 
     from_g_cm3: float = 3.3
     factor: int = 2
+    counts: tuple[str, ...] | None = None
+
+    KNOWN_COUNTS = ("n_steps", "n_corrector", "n_restart_steps")
 
     def __post_init__(self):
         if int(self.factor) != self.factor or self.factor < 1 or self.from_g_cm3 <= 0:
             raise ValueError(f"dense-cell steps need a whole factor ≥ 1 and from_g_cm3 > 0 "
                              f"(got factor {self.factor}, from_g_cm3 {self.from_g_cm3})")
+        if self.counts is not None:
+            object.__setattr__(self, "counts", tuple(self.counts))
+            unknown = [name for name in self.counts if name not in self.KNOWN_COUNTS]
+            if unknown or not self.counts:
+                raise ValueError(f"dense-cell steps: counts must name some of "
+                                 f"{list(self.KNOWN_COUNTS)}, got {list(self.counts)}")
+
+    def multiplies(self, name: str) -> bool:
+        """Whether the step count `name` (e.g. "n_corrector") is multiplied in dense cells."""
+        return self.counts is None or name in self.counts
 
     def count(self, own: int, density_g_cm3: float) -> int:
         """The step count that replaces `own` in a cell of `density_g_cm3` (g/cm³)."""
@@ -160,7 +174,13 @@ class Sampler:
         own = {name: getattr(self, name) for name in self.step_counts}
         if self.dense_steps is None or density_g_cm3 is None:
             return own
-        return {name: self.dense_steps.count(n, density_g_cm3) for name, n in own.items()}
+        return {name: self.dense_steps.count(n, density_g_cm3)
+                if self.dense_steps.multiplies(name) else n for name, n in own.items()}
+
+    def score_calls_per_step(self, density_g_cm3: float | None = None) -> int:
+        """Score calls of one step of the main run in a cell of `density_g_cm3` (None: the
+        sampler's own counts): what "once per step" means to a guidance refresh."""
+        return 1
 
     def settings_for(self, density_g_cm3: float | None) -> dict:
         """Noise scales and step counts of a run in a cell of `density_g_cm3` (None: its own)."""
@@ -270,6 +290,9 @@ class PredictorCorrector(EulerMaruyama):
         super().__init__(schedule, **kwargs)
         self.n_corrector = int(n_corrector)
 
+    def score_calls_per_step(self, density_g_cm3: float | None = None) -> int:
+        return 1 + self.steps_for(density_g_cm3)["n_corrector"]
+
     def run(self, pos, score_fn, wrap_fn, generator, t_start=None, n_steps=None):
         grid = self.time_grid(t_start, None, n_steps)
         for k, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
@@ -284,6 +307,9 @@ class ProbabilityFlow(Sampler):
     """Heun (2nd order) integration of the probability-flow ODE dx/dt = f − ½ g² s."""
 
     name = "ode"
+
+    def score_calls_per_step(self, density_g_cm3: float | None = None) -> int:
+        return 2  # Heun: the step's start and its trial end
 
     def run(self, pos, score_fn, wrap_fn, generator, t_start=None, n_steps=None):
         grid = self.time_grid(t_start, None, n_steps)

@@ -68,8 +68,14 @@ class GuidedGenerator:
 
     def __init__(self, prior, surrogate, terms: list, sampler=None, n_atoms: int = 216,
                  element: str = "C", through_denoiser: bool = True,
-                 max_ratio: float | None = 2.0, refresh_every: int = 1,
+                 max_ratio: float | None = 2.0, refresh_every: int | str = 1,
                  max_t: float | None = None):
+        """`refresh_every`: guidance recomputed every k-th guided score call, or "step": once
+        per sampler step (its predictor and corrector calls, at the cell's density)."""
+        if refresh_every != "step" and not (isinstance(refresh_every, int)
+                                            and refresh_every >= 1):
+            raise ValueError(f"refresh_every must be a whole number ≥ 1 or 'step', "
+                             f"got {refresh_every!r}")
         self.prior, self.surrogate, self.terms = prior, surrogate, list(terms)
         self.sampler = sampler or default_sampler(prior.schedule)
         self.n_atoms, self.element = n_atoms, element
@@ -149,10 +155,12 @@ class GuidedGenerator:
         if terms:
             fit_kept_memory(guided_step_mb(self.surrogate, self.prior.score_model, n, cell,
                                            device), device=device)
-        score_fn = GuidedScore(self.prior, cell_t, numbers, terms, self.through_denoiser,
-                               self.max_ratio, self.refresh_every, self.max_t)
-        self.prior.neighbors.clear()
         density = density_of_cell(n, cell, self.element)
+        refresh_every = (self.sampler.score_calls_per_step(density)
+                         if self.refresh_every == "step" else int(self.refresh_every))
+        score_fn = GuidedScore(self.prior, cell_t, numbers, terms, self.through_denoiser,
+                               self.max_ratio, refresh_every, self.max_t)
+        self.prior.neighbors.clear()
         pos = self.sampler.sample(pos, score_fn, wrap_fn or (lambda x: wrap_positions(x, cell_t)),
                                   generator, t_start=t_start, density_g_cm3=density)
         atoms = Atoms(numbers=numbers.cpu().numpy(), positions=pos.double().cpu().numpy(),

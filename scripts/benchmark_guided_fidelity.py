@@ -6,7 +6,8 @@
 For each density, `--n-samples` guided 216-atom cells (seeds 0, 1, …) with the shipped models and
 the `generate` settings plus the given overrides (e.g. `sampler=pc_quick`,
 `guidance.spectrum.heldout_weight=1.0`); target: the mean spectrum of the network's first frame;
-generated at the network's density. Reported per density: CN1, CN5+, |Δsp3|, |Δsp2|, ΔRDF peak
+generated at the network's density. Reported per density: CN1, CN5+, |Δsp3|, |Δsp2| (and Δsp3,
+Δsp2 with their signs: sample − reference), ΔRDF peak
 against the network's frames, the closest pair, and the spectral MAE by the default surrogate
 (`mae`) and the independent judge (`judge_mae`), plus seconds per sample. The models were trained
 on these networks, so this compares settings; held-out accuracy is `benchmark_guidance`'s job.
@@ -53,7 +54,8 @@ def fidelity_rows(overrides: list[str], densities, n_samples: int, progress=prin
         comparison = compare_sets(samples, [f.atoms for f in frames_of_network])
         row = {"density": density, "s": seconds, "cn1": hybrid["cn1"],
                "cn5plus": hybrid["cn5plus"], "sp3_err": comparison["sp3_err"],
-               "sp2_err": comparison["sp2_err"], "rdf_peak_err": comparison["rdf_peak_err"],
+               "sp2_err": comparison["sp2_err"], "sp3_diff": comparison["sp3_diff"],
+               "sp2_diff": comparison["sp2_diff"], "rdf_peak_err": comparison["rdf_peak_err"],
                "dmin": float(min(minimum_distance(a) for a in samples))}
         for key, model in (("mae", validator), ("judge_mae", judge)):
             row[key] = float(np.mean([spectral_match(predict_members(model, a).mean(0),

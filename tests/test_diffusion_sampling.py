@@ -492,6 +492,12 @@ def test_dense_cell_steps_multiply_every_step_count_from_the_threshold_on():
     with restart.adapted_for(3.5):
         assert (restart.n_steps, restart.n_restart_steps, restart.base.n_steps) == (8, 6, 8)
     assert (restart.n_steps, restart.n_restart_steps, restart.base.n_steps) == (4, 3, 4)
+    correctors_only = DenseCellSteps(from_g_cm3=2.75, factor=2, counts=["n_corrector"])
+    pc = PredictorCorrector(schedule, n_steps=5, n_corrector=1, dense_steps=correctors_only)
+    assert pc.steps_for(2.7) == {"n_steps": 5, "n_corrector": 1}
+    assert pc.steps_for(2.99) == {"n_steps": 5, "n_corrector": 2}
+    with pytest.raises(ValueError, match="counts must name"):
+        DenseCellSteps(counts=["n_correctors"])
 
 
 @pytest.mark.parametrize("t_start", [None, 0.5])

@@ -397,7 +397,7 @@ def test_rapid_preset_sets_the_fast_models_sampler_and_window_and_yields_to_over
     assert (rapid.models.prior, rapid.models.surrogate) == ("painn", "fast")
     assert (rapid.sampler.n_steps, rapid.sampler.n_corrector,
             rapid.sampler.final_corrector_steps) == (50, 1, 2)
-    assert (rapid.guided_score.refresh_every, rapid.guided_score.max_t) == (2, 0.6)
+    assert (rapid.guided_score.refresh_every, rapid.guided_score.max_t) == ("step", 0.6)
     default = compose_generate_config([])
     assert (default.models.prior, default.sampler.n_steps, default.guided_score.max_t) == (
         "default", 100, None)
