@@ -57,6 +57,23 @@ def check_density(density) -> float | None:
     return density
 
 
+def settings_concern(cfg: DictConfig, density_g_cm3: float | None) -> str | None:
+    """What the chosen settings say about a cell of `density_g_cm3` (g/cm³): a preset that was
+    validated only over `validated_g_cm3` [lo, hi] warns outside it (with its
+    `validated_note`), and the warning is returned for the report; None inside or unset."""
+    checked = cfg.get("validated_g_cm3")
+    if checked is None or density_g_cm3 is None:
+        return None
+    lo, hi = (float(x) for x in checked)
+    if lo <= density_g_cm3 <= hi:
+        return None
+    concern = (f"these settings were validated at {lo:g}–{hi:g} g/cm³, not at "
+               f"{density_g_cm3:.2f}" + (f": {cfg.validated_note}"
+                                          if cfg.get("validated_note") else ""))
+    log.warning(concern)
+    return concern
+
+
 def set_relative_references(terms, generator, target, density, seed, start=None) -> None:
     """Relative feature targets (e.g. +20% π*) refer to the target spectrum when there is one,
     else to the start structure `start` (an ASE Atoms) when editing one, else to an unguided

@@ -30,6 +30,7 @@ from xanesdiff.library.fingerprint import DuplicateIndex, local_environment_fing
 from xanesdiff.library.models import LibraryModels, load_models
 from xanesdiff.library.plan import (PlanItem, expand_plan, load_plan_file, plan_fingerprint,
                                     shard_db_url, shard_items)
+from xanesdiff.guidance.request import settings_concern
 from xanesdiff.library.store import LibraryStore
 from xanesdiff.runtime import resolve_device
 
@@ -287,6 +288,8 @@ def build_library(cfg, models: LibraryModels | None = None, progress: bool = Tru
     from tqdm import tqdm
 
     items = plan_items(cfg)
+    for density in sorted({item.density_g_cm3 for item in items}):
+        settings_concern(cfg, density)  # a preset outside its validated densities warns
     mine = shard_items(items, int(cfg.shard_index), int(cfg.n_shards))
     for item in {tuple(i.steer): i for i in items if i.steer}.values():
         _steer_specs(item)  # every steer config parses before any work

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.guidance.request import (build_terms, check_density, edit_structure,
+                                        settings_concern,
                                         load_configured_prior, load_start_structures,
                                         make_generator, region_mask, set_relative_references)
 from xanesdiff.runtime import resolve_device
@@ -147,6 +148,7 @@ def run(cfg: DictConfig) -> dict:
         check_fits(density)
     report["prior_fidelity"] = prior_concerns(prior, density if start is None
                                               else density_g_cm3(start[0]))
+    report["settings_fidelity"] = settings_concern(cfg, density)
 
     if start is None:
         set_relative_references(terms, generator, target, density, int(cfg.seed))

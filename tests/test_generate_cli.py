@@ -409,6 +409,18 @@ def test_rapid_preset_sets_the_fast_models_sampler_and_window_and_yields_to_over
             library.guided_score.max_t) == ("painn", 1, 0.6)
 
 
+def test_settings_warn_outside_the_densities_they_were_validated_at(caplog):
+    from xanesdiff.guidance.request import compose_generate_config, settings_concern
+
+    rapid = compose_generate_config(["preset=rapid"])
+    with caplog.at_level("WARNING", logger="xanesdiff.generate"):
+        assert settings_concern(rapid, 2.5) is None and caplog.text == ""
+        concern = settings_concern(rapid, 3.49)
+    assert "validated at 1.5–3 g/cm³, not at 3.49" in concern and "five-fold" in concern
+    assert concern in caplog.text
+    assert settings_concern(compose_generate_config([]), 3.49) is None  # defaults: no range
+
+
 def test_rapid_preset_guides_only_below_its_max_t(tiny_models, tmp_path):
     """End to end with the preset's sampler and window (tiny models given on the command line):
     guidance is recomputed once per step, and only at t ≤ 0.6."""
