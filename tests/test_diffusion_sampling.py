@@ -496,6 +496,7 @@ def test_dense_cell_steps_multiply_every_step_count_from_the_threshold_on():
     pc = PredictorCorrector(schedule, n_steps=5, n_corrector=1, dense_steps=correctors_only)
     assert pc.steps_for(2.7) == {"n_steps": 5, "n_corrector": 1}
     assert pc.steps_for(2.99) == {"n_steps": 5, "n_corrector": 2}
+    assert (pc.score_calls_per_step(2.7), pc.score_calls_per_step(2.99)) == (2, 3)
     with pytest.raises(ValueError, match="counts must name"):
         DenseCellSteps(counts=["n_correctors"])
 
