@@ -245,8 +245,8 @@ def _advise_fast_guide(n_atoms: int, guide, device) -> None:
 
     if n_atoms > 3000 and not descriptor_only(guide) and device.type == "cpu":
         log.warning("%d atoms with a learned-feature guide on the CPU: ≈1 h per structure for "
-                    "10⁴ atoms on 2 cores; models.surrogate=fast sampler=pc_quick took 10–15 min "
-                    "(validation still uses models.validator)", n_atoms)
+                    "10⁴ atoms on 2 cores; models.surrogate=fast sampler=pc_quick took 10–15 min, "
+                    "preset=rapid ≈2 min (validation still uses models.validator)", n_atoms)
 
 
 def _load_validator(validator_path, guide_path, guide):

@@ -189,6 +189,7 @@ def test_large_cell_advice_names_the_faster_settings_on_the_cpu_only(caplog):
     with caplog.at_level("WARNING", logger="xanesdiff.generate"):
         _advise_fast_guide(10_000, learned, cpu)
         assert "models.surrogate=fast sampler=pc_quick" in caplog.text
+        assert "preset=rapid" in caplog.text
         caplog.clear()
         for n_atoms, guide, device in ((216, learned, cpu), (10_000, histograms, cpu),
                                        (10_000, learned, gpu)):
