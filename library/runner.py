@@ -25,12 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.diffusion.fidelity_record import prior_concerns
+from xanesdiff.guidance.request import settings_concern
 from xanesdiff.library.filters import check_filter_config, threshold_failures
 from xanesdiff.library.fingerprint import DuplicateIndex, local_environment_fingerprint
 from xanesdiff.library.models import LibraryModels, load_models
 from xanesdiff.library.plan import (PlanItem, expand_plan, load_plan_file, plan_fingerprint,
                                     shard_db_url, shard_items)
-from xanesdiff.guidance.request import settings_concern
 from xanesdiff.library.store import LibraryStore
 from xanesdiff.runtime import resolve_device
 
