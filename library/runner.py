@@ -288,8 +288,6 @@ def build_library(cfg, models: LibraryModels | None = None, progress: bool = Tru
     from tqdm import tqdm
 
     items = plan_items(cfg)
-    for density in sorted({item.density_g_cm3 for item in items}):
-        settings_concern(cfg, density)  # a preset outside its validated densities warns
     mine = shard_items(items, int(cfg.shard_index), int(cfg.n_shards))
     for item in {tuple(i.steer): i for i in items if i.steer}.values():
         _steer_specs(item)  # every steer config parses before any work
@@ -319,8 +317,11 @@ def build_library(cfg, models: LibraryModels | None = None, progress: bool = Tru
         check_validation_fits(n_atoms, density, {"models.surrogate": models.surrogate,
                                                  "models.judge": models.judge},
                               getattr(models.surrogate, "device", None))
-    concerns = {f"{density:g}": text for density in sorted({i.density_g_cm3 for i in mine})
-                if (text := prior_concerns(models.prior, density))}  # logged once per density
+    densities = sorted({i.density_g_cm3 for i in mine})  # each concern logged once per density
+    concerns = {f"{density:g}": text for density in densities
+                if (text := prior_concerns(models.prior, density))}
+    settings_concerns = {f"{density:g}": text for density in densities
+                         if (text := settings_concern(cfg, density))}  # e.g. a preset's range
     log.info("library %s: shard %d/%d has %d of %d planned items, %d already done",
              url, int(cfg.shard_index), int(cfg.n_shards), len(mine), len(items),
              len(mine) - len(todo))
@@ -350,7 +351,7 @@ def build_library(cfg, models: LibraryModels | None = None, progress: bool = Tru
     summary = summarize(store, mine, len(items))
     summary.update({"db": url, "generated_now": counts, "shard_index": int(cfg.shard_index),
                     "n_shards": int(cfg.n_shards), "settings_id": settings_id,
-                    "prior_fidelity": concerns})
+                    "prior_fidelity": concerns, "settings_fidelity": settings_concerns})
     log.info("library %s: %s", url, json.dumps(summary))
     return summary
 

@@ -468,8 +468,12 @@ def test_library_names_the_densities_where_the_prior_missed_its_targets(tmp_path
         "models.factory": "test_library:make_models_with_record", "plan.n_seeds": 1}))
     assert list(summary["prior_fidelity"]) == ["2.4"]
     assert "sp3_err 0.090 (target ≤ 0.05)" in summary["prior_fidelity"]["2.4"]
-    assert list(build(overrides(tmp_path / "plain", target_file, **{"plan.n_seeds": 1}))[
-        "prior_fidelity"]) == []
+    plain = build(overrides(tmp_path / "plain", target_file, **{"plan.n_seeds": 1}))
+    assert list(plain["prior_fidelity"]) == [] and plain["settings_fidelity"] == {}
+    ranged = build(overrides(tmp_path / "ranged", target_file, **{
+        "plan.n_seeds": 1, "validated_g_cm3": "[1.5,2.5]", "validated_note": "checked there"}))
+    assert list(ranged["settings_fidelity"]) == ["2.7"]  # 2.4 lies inside [1.5, 2.5]
+    assert ranged["settings_fidelity"]["2.7"].endswith("not at 2.70: checked there")
 
 
 def test_library_refuses_cells_whose_validation_would_not_fit_before_generating(
