@@ -180,7 +180,8 @@ def load_configured_prior(cfg: DictConfig, device="cpu"):
 
 
 def make_generator(cfg: DictConfig, prior, surrogate, terms: list, n_atoms: int | None = None):
-    """A `GuidedGenerator` with the sampler and guided-score settings of a generate config."""
+    """A `GuidedGenerator` with the sampler and guided-score settings of a `generate` or
+    `library` config."""
     from hydra.utils import instantiate
 
     from xanesdiff.guidance.pipeline import GuidedGenerator

@@ -118,13 +118,10 @@ def build_terms_for(cfg, item: PlanItem) -> list:
 
 def generate_item(item: PlanItem, ctx: _Context) -> tuple[object, dict, dict]:
     """Generate and validate one item: (atoms, key-value pairs, data). Does not filter."""
-    from hydra.utils import instantiate
-
     from xanesdiff.analysis.structure import (density_g_cm3, hybridization_fractions,
                                               minimum_distance)
-    from xanesdiff.guidance.pipeline import GuidedGenerator
+    from xanesdiff.guidance.request import make_generator, set_relative_references
     from xanesdiff.guidance.validation import relax, validate_spectrum
-    from xanesdiff.guidance.request import set_relative_references
 
     cfg, models = ctx.cfg, ctx.models
     seed_everything(item)
@@ -133,13 +130,7 @@ def generate_item(item: PlanItem, ctx: _Context) -> tuple[object, dict, dict]:
     terms = build_terms_for(cfg, item)
     for term in terms:
         term.bind(models.surrogate, target_spectrum)
-    sampler = instantiate(cfg.sampler, schedule=models.prior.schedule)
-    generator = GuidedGenerator(models.prior, models.surrogate, terms, sampler,
-                                n_atoms=item.n_atoms,
-                                through_denoiser=cfg.guided_score.through_denoiser,
-                                max_ratio=cfg.guided_score.max_ratio,
-                                refresh_every=cfg.guided_score.get("refresh_every", 1),
-                                max_t=cfg.guided_score.get("max_t"))
+    generator = make_generator(cfg, models.prior, models.surrogate, terms, n_atoms=item.n_atoms)
     set_relative_references(terms, generator, target, item.density_g_cm3, item.seed)
     atoms, gen_log = generator.generate(item.density_g_cm3, item.seed)
 

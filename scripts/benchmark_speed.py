@@ -31,6 +31,7 @@ from torch import nn
 
 from xanesdiff.datasets.graph import edge_vectors, periodic_neighbor_list, wrap_positions
 from xanesdiff.diffusion.sampling import cubic_cell_for_density
+from xanesdiff.numerics import MIN_GAUSSIAN_EXPONENT
 
 N_ATOMS, DENSITY = 216, 2.5
 
@@ -53,7 +54,7 @@ def radius_graph(pos, cell, cutoff_A):
 
 
 class GaussianRBF(nn.Module):
-    """exp(−γ (r − c)²) as the notebook writes it; `clamp_exp` clamps the exponent at −50 as
+    """exp(−γ (r − c)²) as the notebook writes it; `clamp_exp` clamps the exponent as
     xanesdiff's `gaussians` do (torch's exp is ≈50× slower on arguments that underflow)."""
 
     clamp_exp = False
@@ -65,7 +66,8 @@ class GaussianRBF(nn.Module):
 
     def forward(self, r):
         exponent = -self.gamma * (r[:, None] - self.centers) ** 2
-        return torch.exp(exponent.clamp_min(-50.0) if self.clamp_exp else exponent)
+        return torch.exp(exponent.clamp_min(MIN_GAUSSIAN_EXPONENT) if self.clamp_exp
+                         else exponent)
 
 
 class MessagePassing(nn.Module):

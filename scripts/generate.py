@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from xanesdiff.datasets.errors import XanesdiffInputError
 from xanesdiff.guidance.request import (build_terms, check_density, edit_structure,
-                                        settings_concern,
                                         load_configured_prior, load_start_structures,
-                                        make_generator, region_mask, set_relative_references)
+                                        make_generator, region_mask, set_relative_references,
+                                        settings_concern)
 from xanesdiff.runtime import resolve_device
 from xanesdiff.scripts._hydra import hydra_app, set_threads
 
