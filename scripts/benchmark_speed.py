@@ -78,9 +78,6 @@ class MessagePassing(nn.Module):
 
     index_select_gathers = False
 
-    def gather(self, h, index):
-        return h.index_select(0, index) if self.index_select_gathers else h[index]
-
     def __init__(self, width: int, n_layers: int, cutoff_A: float, n_rbf: int = 50):
         super().__init__()
         self.cutoff_A, self.rbf = cutoff_A, GaussianRBF(cutoff_A, n_rbf)
@@ -92,6 +89,9 @@ class MessagePassing(nn.Module):
         self.updates = nn.ModuleList(nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(),
                                                    nn.Linear(width, width))
                                      for _ in range(n_layers))
+
+    def gather(self, h, index):
+        return h.index_select(0, index) if self.index_select_gathers else h[index]
 
     def node_features(self, pos, cell, edge_index, edge_shift, t):
         vec = edge_vectors(pos, cell, edge_index, edge_shift)

@@ -324,9 +324,13 @@ def test_generate_edits_a_given_structure(tiny_models, tmp_path):
     assert moved[~inside].max() < 1e-4 and moved[inside].max() > 0.05
 
     # without a target or a steer: the prior's own variants of the start
-    run_generate(tiny_models, tmp_path / "variants", f"start={path}", "n=1")
+    run_generate(tiny_models, tmp_path / "variants", f"start={path}", "n=1",
+                 "validated_g_cm3=[1.5,3.0]")
     variant = ase.io.read(tmp_path / "variants" / "structures.extxyz")
     assert variant.info["guided_steps"] == 0 and len(variant) == 64
+    # settings checked at 1.5–3.0 g/cm³ concern the start's own density (3.51), as the prior's do
+    concern = json.loads((tmp_path / "variants" / "report.json").read_text())["settings_fidelity"]
+    assert concern.startswith("these settings were validated at 1.5–3 g/cm³, not at 3.51")
 
     silicon = start.copy()
     silicon.numbers[:] = 14
